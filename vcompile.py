@@ -1,0 +1,1100 @@
+"""vcompile: how vLLM drives torch.compile, in one file.
+
+One Dynamo trace. A backend that splits the graph at attention-like ops and
+compiles every piece for every shape range before it returns. An in-memory
+cache so that identical layers compile once. A self-contained on-disk cache
+that starts a fresh process warm: no Dynamo trace, no Inductor compile, no FX
+graph deserialization. One monitor that owns the compile-time numbers.
+
+The sections follow the data, top to bottom:
+   1. config, ranges, counters, logging
+   2. monitor                                  vLLM PR 40641
+   3. cache directory and cache key            vLLM PR 39718
+   4. graph splitting
+   5. compile entries and concrete arguments   vLLM PR 35472
+   6. compiler manager, in-memory cache        vLLM PR 41023
+   7. piecewise interpreter, range dispatch    vLLM PR 35472
+   8. codegen with inlined submodules          vLLM PR 40151
+   9. serializable compiled function           vLLM PR 40151
+  10. backend and compile()
+
+Usage:
+    fn = vcompile.compile(model, vcompile.CompilationConfig(splitting_ops=["my::attention"]))
+    out = fn(input_ids)   # first call: load from the cache, or compile everything
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import logging
+import math
+import operator
+import os
+import pickle
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from typing import Any, Callable
+from unittest.mock import patch
+
+import torch
+import torch._functorch._aot_autograd.autograd_cache as aot_autograd_cache
+import torch.fx as fx
+from torch._dynamo.aot_compile import SerializableCallable
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+from torch._inductor.standalone_compile import AOTCompiledArtifact
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.passes.split_module import split_module
+
+# =============================================================================
+# 1. Config, ranges, counters, logging
+# =============================================================================
+
+logger = logging.getLogger("vcompile")  # the library logs; it never prints
+
+# Bump when the layout of a saved artifact changes. Files of another version
+# fail to load with a clear reason and are compiled again, never misread.
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Token counts from `start` to `end`, both inclusive."""
+
+    start: int
+    end: int
+
+    def __post_init__(self):
+        if not 1 <= self.start <= self.end:
+            raise ValueError(f"vcompile: bad range [{self.start}, {self.end}]")
+
+    def __contains__(self, size: int) -> bool:
+        return self.start <= size <= self.end
+
+    def is_single_size(self) -> bool:
+        return self.start == self.end
+
+    def __str__(self) -> str:
+        return f"[{self.start}, {self.end}]"
+
+
+@dataclasses.dataclass
+class CompilationConfig:
+    # "ns::op" matches every overload of the op, "ns::op.overload" only that one.
+    splitting_ops: list[str] = dataclasses.field(default_factory=list)
+    compile_ranges_endpoints: list[int] = dataclasses.field(default_factory=list)
+    max_num_batched_tokens: int = 8192
+    compile_sizes: list[int] = dataclasses.field(default_factory=list)
+    cache_dir: str | None = None  # None: $VCOMPILE_CACHE_ROOT, else ~/.cache/vcompile
+    disable_cache: bool = False
+    use_aot: bool = True
+    use_codegen: bool = True
+    # Written by monitor_torch_compile alone. Before PR 40641 the backend also
+    # added to these and encoder time was counted twice.
+    compilation_time: float = 0.0
+    encoder_compilation_time: float = 0.0
+
+    def __post_init__(self):
+        if os.environ.get("VCOMPILE_DISABLE_CACHE") == "1":
+            self.disable_cache = True
+        for op in self.splitting_ops:
+            if not isinstance(op, str) or "::" not in op:
+                raise ValueError(f"vcompile: splitting op {op!r} is not of the form 'ns::op[.overload]'")
+        if not _is_int(self.max_num_batched_tokens) or self.max_num_batched_tokens < 1:
+            raise ValueError(f"vcompile: max_num_batched_tokens must be a positive int, got {self.max_num_batched_tokens!r}")
+        for name in ("compile_ranges_endpoints", "compile_sizes"):
+            bad = [v for v in getattr(self, name) if not _is_int(v) or v < 1]
+            if bad:
+                raise ValueError(f"vcompile: {name} must hold positive ints, got {bad}")
+
+    def compile_ranges(self) -> list[Range]:
+        """The ranges every piece is compiled for, with symbolic shapes.
+
+        Endpoints are sorted and deduplicated, only 1 < e < max survive, and
+        max_num_batched_tokens always closes the last range: [8, 32] with max
+        256 gives [1, 8], [9, 32], [33, 256].
+        """
+        top = self.max_num_batched_tokens
+        ends = sorted({e for e in self.compile_ranges_endpoints if 1 < e < top}) + [top]
+        return [Range(start + 1, end) for start, end in zip([0] + ends, ends)]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass
+class CompilationCounter:
+    num_graphs_seen: int = 0  # Dynamo graphs handed to the backend
+    num_piecewise_graphs_seen: int = 0  # pieces after splitting, splitting-op pieces too
+    num_piecewise_capturable_graphs_seen: int = 0  # pieces that get compiled
+    num_backend_compilations: int = 0  # piece x compile-entry requests, cache hits too
+    num_inductor_compiles: int = 0  # compiles that ran Inductor to the end
+    num_inmemory_cache_hits: int = 0  # requests served by an isomorphic piece's artifact
+    num_compiled_artifacts_saved: int = 0  # unique piece artifacts written to disk
+    num_compiled_artifacts_loaded: int = 0  # unique piece artifacts read from disk
+    num_aot_compiles: int = 0
+    num_aot_artifacts_saved: int = 0
+    num_aot_artifacts_loaded: int = 0
+    num_fx_graph_deserializations: int = 0  # only the use_codegen=False baseline has any
+
+    @contextlib.contextmanager
+    def expect(self, **deltas: int):
+        """Assert how much the named counters grow inside the block."""
+        unknown = sorted(set(deltas) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"vcompile: no such counters: {unknown}")
+        before = dataclasses.replace(self)
+        yield
+        wrong = [
+            f"{name}: expected {want:+d}, got {getattr(self, name) - getattr(before, name):+d}"
+            for name, want in deltas.items()
+            if getattr(self, name) - getattr(before, name) != want
+        ]
+        if wrong:
+            raise AssertionError("counter deltas differ: " + "; ".join(wrong))
+
+
+counters = CompilationCounter()
+
+# =============================================================================
+# 2. Monitor (vLLM PR 40641)
+#
+# Problem: the backend and the caller each timed their own slice of the work
+# and added it to the totals, so the reported compile time matched neither the
+# wall clock nor itself, and encoder time was counted twice. Fix: one context
+# manager wraps the whole first call and is the only writer of the totals.
+# =============================================================================
+
+# Start of the compile in flight; the backend reads it to log Dynamo's share.
+_compile_started_at = 0.0
+
+
+@contextlib.contextmanager
+def monitor_torch_compile(config: CompilationConfig, is_encoder: bool = False):
+    global _compile_started_at
+    started = _compile_started_at = time.perf_counter()
+    yield  # an exception here leaves the totals untouched: failed work is not compile time
+    elapsed = time.perf_counter() - started
+    if is_encoder:
+        config.encoder_compilation_time += elapsed
+    else:
+        config.compilation_time += elapsed
+    logger.info("torch.compile took %.2f s in total", elapsed)
+
+
+# =============================================================================
+# 3. Cache directory and cache key (vLLM PR 39718)
+#
+# Problem: the AOT artifact lived under the cache root, but Inductor and Triton
+# unpacked their own state (generated code, compiled kernels) into
+# /tmp/torchinductor_$USER. A copied cache, or a machine whose /tmp was wiped,
+# paid that unpacking (on CPU, a gcc run per kernel) on every fresh start.
+# Fix: point TORCHINDUCTOR_CACHE_DIR at <hash>/inductor_cache while compiling
+# and loading, so the <hash> folder alone is a complete cache:
+#
+#   <root>/torch_aot_compile/<hash>/inductor_cache/       Inductor, Triton beneath
+#   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model     the AOT artifact
+#   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model.py  its execution code, to read
+#   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/pieces/   JIT mode's per-piece artifacts
+# =============================================================================
+
+
+def cache_root(config: CompilationConfig) -> str:
+    return (
+        config.cache_dir
+        or os.environ.get("VCOMPILE_CACHE_ROOT")
+        or os.path.join(os.path.expanduser("~"), ".cache", "vcompile")
+    )
+
+
+def cache_key_factors(model: torch.nn.Module, config: CompilationConfig, is_encoder: bool,
+                      dynamic_arg_dims: dict[str, int], device: torch.device) -> dict:
+    """Everything that changes the generated code. Weights' values are not in
+    it: they are graph inputs, read from the model at every call.
+    """
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    return {
+        "vcompile_format": FORMAT_VERSION,
+        "python": platform.python_version(),  # the artifact holds bytecode
+        "torch": [torch.__version__, torch.version.git_version, torch.version.cuda],
+        "inductor_config": inductor_config.save_config_portable(),
+        "functorch_config": functorch_config.save_config_portable(),
+        "device": device_description(device),
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+        "tensors": [(name, list(t.shape), str(t.dtype))
+                    for name, t in [*model.named_parameters(), *model.named_buffers()]],
+        "splitting_ops": sorted(set(config.splitting_ops)),
+        "compile_entries": [str(e) for e in compile_entries(config, is_encoder)],
+        "dynamic_arg_dims": sorted(dynamic_arg_dims.items()),
+        "use_codegen": config.use_codegen,  # the saved function differs; use_aot does not
+    }
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda {torch.cuda.get_device_name(device)} sm_{major}{minor}"
+    # CPU code is built for the vector ISA of this machine: name the processor.
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{device.type} {line.split(':', 1)[1].strip()}"
+    return f"{device.type} {platform.machine()} {platform.processor()}"
+
+
+def distributed_ranks() -> tuple[int, int]:
+    """(rank, data-parallel rank). A torch.distributed world is one
+    data-parallel replica, as a vLLM engine's is, so its dp rank is 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), 0
+    return 0, 0
+
+
+@dataclasses.dataclass
+class CacheDir:
+    hash_dir: str
+    rank_dir: str
+    writable: bool  # False: load what is there, write nothing, leave Inductor at its default
+
+    @property
+    def inductor_dir(self) -> str:
+        return os.path.join(self.hash_dir, "inductor_cache")
+
+    @property
+    def model_path(self) -> str:
+        return os.path.join(self.rank_dir, "model")
+
+    @property
+    def pieces_dir(self) -> str:
+        return os.path.join(self.rank_dir, "pieces")
+
+
+_warned_roots: set[str] = set()
+
+
+def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
+    if config.disable_cache or os.environ.get("VCOMPILE_DISABLE_CACHE") == "1":
+        return None
+    root = cache_root(config)
+    digest = hashlib.sha256(json.dumps(factors, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    hash_dir = os.path.join(root, "torch_aot_compile", digest)
+    rank, dp_rank = distributed_ranks()
+    cache = CacheDir(hash_dir, os.path.join(hash_dir, f"rank_{rank}_{dp_rank}"), writable=True)
+    try:
+        os.makedirs(cache.inductor_dir, exist_ok=True)
+        os.makedirs(cache.pieces_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache.rank_dir):  # the folders may exist on a read-only mount
+            pass
+    except OSError as e:
+        # A cache that cannot be written must not stop the model: compile in memory.
+        if root not in _warned_roots:
+            _warned_roots.add(root)
+            logger.warning("vcompile: cannot write the compile cache under %s (%s); "
+                           "compiling without saving", root, e)
+        cache.writable = False
+    return cache
+
+
+@contextlib.contextmanager
+def inductor_cache_dir(cache: CacheDir | None):
+    """Send Inductor's and Triton's files into the hash folder, then restore.
+
+    vLLM sets TORCHINDUCTOR_CACHE_DIR for the rest of the process; a library
+    should not, so this wraps the compile, the load and the first run (where
+    kernels are loaded). `temporary_cache_dir` also clears Inductor's
+    in-process lookups on entry and exit, so files another root produced
+    earlier in this process are not reused by path.
+    """
+    if cache is None or not cache.writable:
+        yield
+        return
+    # Inductor pins TRITON_CACHE_DIR the first time it is needed; unpinned,
+    # Triton nests under the Inductor folder we set.
+    triton_dir = os.environ.pop("TRITON_CACHE_DIR", None)
+    try:
+        with temporary_cache_dir(cache.inductor_dir):
+            yield
+    finally:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+        if triton_dir is not None:
+            os.environ["TRITON_CACHE_DIR"] = triton_dir
+
+
+# On disk an artifact is MAGIC, the format version, the sha256 of the payload,
+# then the payload. A truncated, zero-length or bit-flipped file fails the
+# check and is compiled again instead of being unpickled into wrong code.
+MAGIC = b"VCOMPILE"
+_HEADER = len(MAGIC) + 4 + 32
+
+
+def write_artifact(path: str, payload: bytes) -> None:
+    """Temporary file in the same folder, then os.replace: a reader, or a
+    process killed mid-write, sees the old file or the new one, never half."""
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + FORMAT_VERSION.to_bytes(4, "little") + hashlib.sha256(payload).digest())
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def read_artifact(path: str) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < _HEADER or not data.startswith(MAGIC):
+        raise ValueError(f"not a vcompile artifact ({len(data)} bytes: empty, truncated or foreign)")
+    version = int.from_bytes(data[len(MAGIC):len(MAGIC) + 4], "little")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"written in artifact format {version}; this vcompile reads format {FORMAT_VERSION}")
+    payload = data[_HEADER:]
+    if hashlib.sha256(payload).digest() != data[len(MAGIC) + 4:_HEADER]:
+        raise ValueError("checksum mismatch: the file is truncated or corrupt")
+    return payload
+
+
+# =============================================================================
+# 4. Graph splitting
+#
+# Attention cannot be compiled into the same graph as the layers around it
+# (vLLM's attention kernels and CUDA-graph capture need it outside), so the
+# Dynamo graph is cut at every splitting op. What lies between two attention
+# calls, a layer's MLP and the next layer's QKV projection, is one piece, and
+# in a decoder those pieces are isomorphic from layer to layer.
+# =============================================================================
+
+
+def is_splitting_op(node: fx.Node, splitting_ops: list[str]) -> bool:
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):  # what Dynamo records for torch.ops.ns.op(...)
+        return target._qualified_op_name in splitting_ops
+    if isinstance(target, torch._ops.OpOverload):
+        packet = target._schema.name  # "ns::op"
+        return packet in splitting_ops or f"{packet}.{target._overloadname}" in splitting_ops
+    return False
+
+
+def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphModule, list[tuple[str, bool]]]:
+    """Returns the split graph and its pieces in graph order as (name, is_splitting)."""
+    piece_of: dict[fx.Node, int] = {}
+    splitting_pieces: set[int] = set()
+    piece, piece_splits = -1, None
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        # A getitem stays with the node it unpacks: a piece may not take a
+        # tuple as input (Inductor and AOTAutograd want flat tensors).
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in piece_of:
+            piece_of[node] = piece_of[node.args[0]]
+            continue
+        splits = is_splitting_op(node, splitting_ops)
+        if splits != piece_splits:  # consecutive splitting ops share one piece
+            piece, piece_splits = piece + 1, splits
+            if splits:
+                splitting_pieces.add(piece)
+        piece_of[node] = piece
+    # keep_original_order: in-place ops must not move across one another.
+    split_gm = split_module(gm, None, lambda node: piece_of[node], keep_original_order=True)
+    pieces = [(f"submod_{i}", i in splitting_pieces) for i in sorted(set(piece_of.values()))]
+    return split_gm, pieces
+
+
+# =============================================================================
+# 5. Compile entries and concrete arguments (vLLM PR 35472)
+#
+# A piece is compiled once per range, with the symbolic shapes Dynamo traced,
+# and once per compile size, specialized to that size. The single-size
+# arguments are built from the graph's own fake arguments by substituting the
+# size for every symbol, in a fresh ShapeEnv, so Inductor sees plain ints.
+# =============================================================================
+
+
+def compile_entries(config: CompilationConfig, is_encoder: bool) -> list[Range]:
+    """Every (piece, entry) pair is compiled up front. Single sizes come first:
+    scanning in order, an exact size then wins over the range that holds it."""
+    ranges = config.compile_ranges()
+    if is_encoder:  # encoder inputs (image patches) have no token budget
+        ranges[-1] = Range(ranges[-1].start, 2**31 - 1)
+    sizes = [Range(s, s) for s in sorted(set(config.compile_sizes)) if Range(s, s) not in ranges]
+    return sizes + ranges
+
+
+def find_entry(size: int, entries: list[Range]) -> int:
+    for i, entry in enumerate(entries):
+        if entry.start <= size <= entry.end:
+            return i
+    # Never compile lazily here: a compile in the middle of serving is the
+    # stall PR 35472 removed, and running another range's code would be wrong.
+    raise ValueError(f"vcompile: size {size} is outside every compile range: "
+                     + ", ".join(str(e) for e in entries))
+
+
+def fake_args_from_graph(gm: fx.GraphModule) -> list:
+    return [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")]
+
+
+def size_symbols(fake_args: list) -> set:
+    """The symbols that are tensor dimensions: the token counts. Dynamo makes
+    symbols of other things too (a view's storage offset) that are not sizes."""
+    return {d.node.expr for a in fake_args if isinstance(a, torch.Tensor)
+            for d in a.shape if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
+
+
+def concrete_args(gm: fx.GraphModule, size: int) -> list:
+    """The graph's fake arguments with the size in place of every dimension
+    symbol; any other symbol keeps the value it had when Dynamo traced."""
+    fakes = fake_args_from_graph(gm)
+    dims = size_symbols(fakes)
+
+    def concrete(value) -> int:
+        if not isinstance(value, torch.SymInt):
+            return int(value)
+        expr, traced = value.node.expr, value.node.shape_env.var_to_val
+        return int(expr.subs({s: size if s in dims else traced[s] for s in expr.free_symbols}))
+
+    args = []
+    with FakeTensorMode(shape_env=ShapeEnv()):
+        for value in fakes:
+            if isinstance(value, torch.SymInt):
+                args.append(concrete(value))
+            elif isinstance(value, torch.Tensor):
+                shape = [concrete(d) for d in value.shape]
+                stride = [concrete(s) for s in value.stride()]
+                offset = concrete(value.storage_offset())
+                # Keep the storage offset: a view into a larger buffer must
+                # compile to code that indexes from that offset.
+                needed = offset + sum((d - 1) * s for d, s in zip(shape, stride)) + 1 if all(shape) else 0
+                storage = torch.empty_strided((needed,), (1,), dtype=value.dtype, device=value.device)
+                args.append(storage.as_strided(shape, stride, offset))
+            else:
+                args.append(value)
+    return args
+
+
+# =============================================================================
+# 6. Compiler manager and the in-memory cache (vLLM PR 41023)
+#
+# In a decoder the pieces between two attention calls differ only in names.
+# Each distinct piece is compiled once per compile entry; every later piece
+# with the same AOTAutograd cache key (computed with placeholder names
+# normalized away) takes the artifact already built. The key is read where
+# Inductor computes it, and StopCompiling ends that compile on a hit.
+#
+# The bug PR 41023 fixed: the hit path returned from inside its `except`
+# block and skipped the timing log at the end of compile(), so a range whose
+# last piece was a hit never reported "Compiling a graph for compile range
+# ... takes ... s". Here both paths leave _compile_or_reuse the same way and
+# reach the same bookkeeping.
+# =============================================================================
+
+
+class StopCompiling(BaseException):
+    """Ends an Inductor compile once its cache key shows the artifact exists.
+    A BaseException, so that Inductor's own `except Exception` lets it pass."""
+
+
+def inductor_compile(graph: fx.GraphModule, example_inputs: list, entry: Range) -> AOTCompiledArtifact:
+    """One Inductor compile through torch's standalone entry point. aot=True
+    returns an artifact that serializes to bytes and loads without the graph."""
+    if not entry.is_single_size():
+        return torch._inductor.standalone_compile(graph, example_inputs, dynamic_shapes="from_graph", aot=True)
+    fake_mode = next((a.fake_mode for a in example_inputs if isinstance(a, FakeTensor)), None)
+    # Torch versions differ here. 2.13 takes the fake mode of our concrete
+    # arguments; 2.11 builds a fresh one inside standalone_compile that does not
+    # match them (pytorch issue 176562), so there we hand it ours by patching.
+    if fake_mode is None or "fake_mode" in inspect.signature(torch._inductor.standalone_compile).parameters:
+        kwargs = {"fake_mode": fake_mode} if fake_mode is not None else {}
+        return torch._inductor.standalone_compile(
+            graph, example_inputs, dynamic_shapes="from_example_inputs", aot=True, **kwargs)
+    with patch.object(sys.modules["torch._inductor.standalone_compile"], "FakeTensorMode", lambda *a, **k: fake_mode):
+        return torch._inductor.standalone_compile(graph, example_inputs, dynamic_shapes="from_example_inputs", aot=True)
+
+
+def artifact_bytes(artifact: AOTCompiledArtifact) -> bytes:
+    with torch._functorch.config.patch(bundled_autograd_cache=True):
+        return artifact.serialize()
+
+
+def load_artifact(data: bytes) -> AOTCompiledArtifact:
+    counters.num_compiled_artifacts_loaded += 1
+    return AOTCompiledArtifact.deserialize(data)
+
+
+class CompilerManager:
+    """Compiles the pieces of one backend call; owns the in-memory cache."""
+
+    def __init__(self, pieces_dir: str | None = None):
+        self.artifacts: dict[tuple[Range, str], AOTCompiledArtifact] = {}  # (entry, AOT key) -> artifact
+        self.blobs: dict[int, bytes] = {}  # id(artifact) -> its bytes, serialized once
+        self.seconds: dict[Range, float] = defaultdict(float)  # compile time per entry, all pieces
+        self.pieces_dir = pieces_dir  # JIT mode: artifacts on disk, keyed like the in-memory cache
+        self.bad_files: set[str] = set()
+
+    def compile(self, graph: fx.GraphModule, example_inputs: list, entry: Range,
+                piece_index: int, num_pieces: int) -> AOTCompiledArtifact:
+        counters.num_backend_compilations += 1
+        started = time.perf_counter()
+        artifact = self._compile_or_reuse(graph, example_inputs, entry)
+        self.seconds[entry] += time.perf_counter() - started
+        if piece_index == num_pieces - 1:
+            logger.info("Compiling a graph for compile range %s takes %.2f s", entry, self.seconds[entry])
+        return artifact
+
+    def _compile_or_reuse(self, graph, example_inputs, entry) -> AOTCompiledArtifact:
+        key = None
+        compute_key = aot_autograd_cache.autograd_cache_key
+
+        def key_then_stop_on_hit(*args, **kwargs):
+            nonlocal key
+            result = compute_key(*args, **kwargs)
+            key = (entry, result[0])
+            if key in self.artifacts or self._piece_file(key) is not None:
+                raise StopCompiling
+            return result
+
+        try:
+            with (torch._functorch.config.patch(autograd_cache_normalize_inputs=True),
+                  patch.object(aot_autograd_cache, "autograd_cache_key", key_then_stop_on_hit)):
+                artifact = inductor_compile(graph, example_inputs, entry)
+        except StopCompiling:
+            if key in self.artifacts:
+                counters.num_inmemory_cache_hits += 1
+                return self.artifacts[key]
+            artifact = self._load_piece(key)
+            if artifact is None:  # unreadable file: it is now in bad_files, so this compiles
+                return self._compile_or_reuse(graph, example_inputs, entry)
+        else:
+            counters.num_inductor_compiles += 1
+            self.blobs[id(artifact)] = artifact_bytes(artifact)
+            self._save_piece(key, artifact)
+        if key is not None:  # None when Inductor could not key this graph: no sharing
+            self.artifacts[key] = artifact
+        return artifact
+
+    def _piece_path(self, key) -> str | None:
+        if self.pieces_dir is None or key is None:
+            return None
+        name = hashlib.sha256(f"{key[0]} {key[1]}".encode()).hexdigest()[:32]
+        return os.path.join(self.pieces_dir, name)
+
+    def _piece_file(self, key) -> str | None:
+        path = self._piece_path(key)
+        return path if path and path not in self.bad_files and os.path.exists(path) else None
+
+    def _load_piece(self, key) -> AOTCompiledArtifact | None:
+        path = self._piece_path(key)
+        try:
+            data = read_artifact(path)
+            artifact = load_artifact(data)
+        except Exception as e:
+            logger.warning("Compiling model again due to a load failure from %s, reason: %s", path, e)
+            self.bad_files.add(path)
+            return None
+        self.blobs[id(artifact)] = data
+        return artifact
+
+    def _save_piece(self, key, artifact) -> None:
+        path = self._piece_path(key)
+        if path is None:
+            return
+        try:
+            write_artifact(path, self.blobs[id(artifact)])
+            counters.num_compiled_artifacts_saved += 1
+        except OSError as e:
+            logger.warning("vcompile: could not save %s: %s", path, e)
+
+
+# =============================================================================
+# 7. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
+#
+# Before PR 35472 a piece compiled a range the first time a call landed in
+# it: compiles happened in the middle of serving and the reported compile time
+# missed them. Now the interpreter walks the split graph once, inside the
+# backend, and compiles every piece for every entry before the backend
+# returns. At run time each piece picks the artifact for the call's size.
+# =============================================================================
+
+
+class PieceRunner:
+    """One compiled piece at run time: an artifact per compile entry, chosen
+    by the size found at args[size_arg] (a SymInt) or args[size_arg].shape[size_dim]."""
+
+    def __init__(self, name: str, entries: list[Range], fns: list[Callable],
+                 size_arg: int | None, size_dim: int | None, returns_tuple: bool):
+        self.name, self.entries, self.fns = name, entries, fns
+        self.size_arg, self.size_dim, self.returns_tuple = size_arg, size_dim, returns_tuple
+
+    def __call__(self, *args):
+        if self.size_arg is None:  # no dynamic input: every entry compiled the same graph
+            out = self.fns[0](*args)
+        else:
+            size = args[self.size_arg] if self.size_dim is None else args[self.size_arg].shape[self.size_dim]
+            out = self.fns[find_entry(size, self.entries)](*args)
+        # A loaded artifact returns a list even when its graph returned one
+        # value (a fresh one unwraps it): give back what the graph returned.
+        if not self.returns_tuple and isinstance(out, (list, tuple)):
+            return out[0]
+        return out
+
+
+def where_is_the_size(fake_args: list) -> tuple[int | None, int | None]:
+    """Which argument carries the token count: a SymInt argument if the piece
+    takes one, else the first tensor dimension that is a bare symbol."""
+    dims = size_symbols(fake_args)
+    for i, arg in enumerate(fake_args):
+        if isinstance(arg, torch.SymInt) and arg.node.expr in dims:
+            return i, None
+    for i, arg in enumerate(fake_args):
+        if isinstance(arg, torch.Tensor):
+            for dim, size in enumerate(arg.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr in dims:
+                    return i, dim
+    return None, None
+
+
+class PiecewiseCompileInterpreter(fx.Interpreter):
+    def __init__(self, split_gm: fx.GraphModule, compile_names: list[str],
+                 entries: list[Range], manager: CompilerManager):
+        super().__init__(split_gm)
+        self.compile_names, self.entries, self.manager = compile_names, entries, manager
+        self.compiled: dict[str, dict] = {}  # piece -> its artifacts and how to call them
+
+    def call_module(self, target, args, kwargs):
+        piece = getattr(self.module, target)
+        if target in self.compile_names:
+            index = self.compile_names.index(target)
+            symbolic = fake_args_from_graph(piece)
+            artifacts = [
+                self.manager.compile(piece, concrete_args(piece, entry.start) if entry.is_single_size() else symbolic,
+                                     entry, index, len(self.compile_names))
+                for entry in self.entries
+            ]
+            self.compiled[target] = {
+                "artifacts": artifacts,
+                "size_at": where_is_the_size(symbolic),
+                "returns_tuple": isinstance(piece.graph.output_node().args[0], (tuple, list)),
+            }
+            counters.num_piecewise_capturable_graphs_seen += 1
+        # Dynamo recorded every output's fake value: reading them is cheaper
+        # than running the piece, and splitting ops need no fake kernel.
+        return fx.map_arg(piece.graph.output_node().args[0], lambda node: node.meta["example_value"])
+
+
+# =============================================================================
+# 8. Codegen with inlined submodules (vLLM PR 40151)
+#
+# The split graph is only glue: call piece 0, unpack, call attention, call
+# piece 1, ... Running it as an FX GraphModule means pickling that module with
+# the artifact and deserializing it (fake tensors, sympy, node metadata) at
+# every warm start. Instead it is written out as one plain Python function:
+#   - compiled pieces are called through a list argument, __vcompile_submods__[i];
+#   - splitting-op pieces become small functions that call the ops by their
+#     qualified name (torch.ops.ns.op), so no GraphModule is left to load;
+#   - every value is `del`eted after its last use, freeing activations as the
+#     FX graph did;
+#   - constants repr() cannot rebuild (dtypes, devices, inf) go into a list,
+#     __vcompile_consts__, that is pickled beside the code.
+# =============================================================================
+
+
+def generate_execution_code(split_gm: fx.GraphModule, compile_names: list[str]) -> tuple[str, list]:
+    consts: list = []
+    imports = {"torch"}
+
+    def ref(arg) -> str:
+        if isinstance(arg, fx.Node):
+            return arg.name
+        if isinstance(arg, tuple):
+            inner = ", ".join(map(ref, arg))
+            return f"({inner},)" if len(arg) == 1 else f"({inner})"
+        if isinstance(arg, list):
+            return "[" + ", ".join(map(ref, arg)) + "]"
+        if isinstance(arg, dict):
+            return "{" + ", ".join(f"{ref(k)}: {ref(v)}" for k, v in arg.items()) + "}"
+        if type(arg) in (bool, int, str, type(None)) or (type(arg) is float and math.isfinite(arg)):
+            return repr(arg)
+        for i, const in enumerate(consts):
+            if const is arg:
+                return f"__vcompile_consts__[{i}]"
+        consts.append(arg)
+        return f"__vcompile_consts__[{len(consts) - 1}]"
+
+    def callee(node: fx.Node) -> str:
+        if node.op == "call_module":
+            if node.target in compile_names:
+                return f"__vcompile_submods__[{compile_names.index(node.target)}]"
+            return f"_inlined_{node.target}"
+        name = fx.node._get_qualified_name(node.target)
+        imports.add(name.split(".")[0])
+        return name
+
+    inlined = [
+        _function_source(getattr(split_gm, name).graph, f"_inlined_{name}", ref, callee)
+        for name, _ in split_gm.named_children() if name not in compile_names
+    ]
+    main = _function_source(split_gm.graph, "execution_fn", ref, callee, keyword_params="*, __vcompile_submods__")
+    header = [
+        "# Generated by vcompile: runs the split graph without FX.",
+        f"# __vcompile_submods__[i] runs compiled piece i: {', '.join(compile_names)}",
+        f"# __vcompile_consts__ is bound at load: {consts!r}",
+        *sorted(f"import {m}" for m in imports),
+    ]
+    return "\n\n\n".join(["\n".join(header), *inlined, main]) + "\n", consts
+
+
+def _function_source(graph: fx.Graph, name: str, ref: Callable, callee: Callable, keyword_params: str = "") -> str:
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    dead_after: dict[int, list[str]] = defaultdict(list)
+    for node in nodes:
+        if node.users:
+            last = max(node.users, key=position.__getitem__)
+            if last.op != "output":  # returning is the last use; no del needed
+                dead_after[position[last]].append(node.name)
+    params, body = [], []
+    for i, node in enumerate(nodes):
+        if node.op == "placeholder":
+            params.append(node.name)
+            continue
+        if node.op == "output":
+            body.append(f"    return {ref(node.args[0])}")
+            continue
+        if node.op == "call_function" and node.target is operator.getitem:
+            body.append(f"    {node.name} = {ref(node.args[0])}[{ref(node.args[1])}]")
+        elif node.op in ("call_function", "call_module"):
+            args = [ref(a) for a in node.args] + [f"{k}={ref(v)}" for k, v in node.kwargs.items()]
+            body.append(f"    {node.name} = {callee(node)}({', '.join(args)})")
+        else:
+            raise NotImplementedError(f"vcompile codegen cannot emit {node.format_node()}")
+        if i in dead_after:
+            body.append(f"    del {', '.join(sorted(dead_after[i]))}")
+    params_source = ", ".join(params + ([keyword_params] if keyword_params else []))
+    return "\n".join([f"def {name}({params_source}):", *body])
+
+
+def bind_execution_code(code: str, consts: list, submods: list[Callable]) -> Callable:
+    namespace = {"__vcompile_consts__": consts}
+    exec(builtins.compile(code, "<vcompile execution code>", "exec"), namespace)  # compile() is ours here
+    return functools.partial(namespace["execution_fn"], __vcompile_submods__=submods)
+
+
+# =============================================================================
+# 9. Serializable compiled function (vLLM PR 40151)
+#
+# What the backend returns, and what torch's AOT entry point saves. It holds
+# everything needed to rebuild the callable in another process: the compile
+# entries, each piece's artifact per entry (by content hash), each unique
+# artifact once, and the execution code with its constants. Loading reads the
+# unique artifacts, execs the code and binds: no Dynamo, no Inductor, no FX.
+# With use_codegen=False the split graph is pickled and deserialized instead,
+# as before PR 40151, to measure what that costs.
+# =============================================================================
+
+_STATE_FIELDS = ("format", "entries", "pieces", "blobs", "code", "consts", "submod_names", "split_graph")
+
+
+class VcompileFunction(SerializableCallable):
+    def __init__(self, state: dict, call: Callable):
+        self.state = state
+        self.call = call
+
+    def __call__(self, *args):
+        return self.call(*args)
+
+    @classmethod
+    def serialize_compile_artifacts(cls, fn: VcompileFunction) -> bytes:
+        return pickle.dumps(fn.state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes) -> VcompileFunction:
+        state = pickle.loads(data)
+        missing = [f for f in _STATE_FIELDS if f not in state]
+        if missing or state["format"] != FORMAT_VERSION:
+            raise ValueError(f"saved by another vcompile version (format {state.get('format')}, missing {missing})")
+        # One load per unique artifact, however many pieces and entries share it.
+        loaded = {digest: load_artifact(blob) for digest, blob in state["blobs"].items()}
+        return cls(state, link(state, loaded))
+
+
+def link(state: dict, artifacts: dict[str, Callable], split_gm: fx.GraphModule | None = None) -> Callable:
+    """Builds the callable from saved state. The cold path runs through here
+    too, so a warm start executes exactly what the cold start executed."""
+    entries = [Range(*e) for e in state["entries"]]
+    runners = {name: PieceRunner(name, entries, [artifacts[d] for d in piece["artifacts"]], *piece["size_at"],
+                                 piece["returns_tuple"])
+               for name, piece in state["pieces"].items()}
+    if state["code"] is not None:
+        return bind_execution_code(state["code"], state["consts"], [runners[n] for n in state["submod_names"]])
+    if split_gm is None:
+        split_gm = load_split_graph(state["split_graph"])
+    for name, runner in runners.items():
+        split_gm.__dict__[name] = runner  # shadows the FX submodule of the same name
+    return split_gm.forward
+
+
+def dump_split_graph(split_gm: fx.GraphModule) -> bytes:
+    from torch.fx._graph_pickler import GraphPickler, Options
+
+    reduce = GraphPickler.reducer_override
+
+    def reduce_without_fake_mode(pickler, obj):
+        # A fake mode holds weak references that cannot be pickled; the loaded
+        # graph gets a fresh one.
+        return (type(None), ()) if isinstance(obj, FakeTensorMode) else reduce(pickler, obj)
+
+    for gm in [split_gm, *split_gm.children()]:
+        for node in gm.graph.nodes:  # Dynamo's bookkeeping metadata does not pickle
+            node.meta = {k: v for k, v in node.meta.items() if k == "example_value"}
+    with patch.object(GraphPickler, "reducer_override", reduce_without_fake_mode):
+        return GraphPickler.dumps(split_gm, Options(ops_filter=None))
+
+
+def load_split_graph(data: bytes) -> fx.GraphModule:
+    from torch.fx._graph_pickler import GraphPickler
+
+    counters.num_fx_graph_deserializations += 1
+    split_gm = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
+    split_gm.recompile()
+    return split_gm
+
+
+# =============================================================================
+# 10. The backend, and compile()
+#
+# AOT mode (default). Cold: torch's AOT entry point traces once, calls the
+# backend, and returns a function that is saved whole. Warm:
+# torch.compiler.load_compiled_function rebuilds it with no trace and no
+# compile. JIT mode: Dynamo traces at every start, and the backend loads each
+# piece's artifact from the same cache folder instead of compiling it.
+# =============================================================================
+
+
+def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConfig,
+            is_encoder: bool = False, pieces_dir: str | None = None) -> VcompileFunction:
+    counters.num_graphs_seen += 1
+    logger.info("Dynamo bytecode transform time: %.2f s", time.perf_counter() - _compile_started_at)
+    fakes = fake_args_from_graph(gm)
+    if not any(isinstance(d, torch.SymInt) for t in fakes if isinstance(t, torch.Tensor) for d in t.shape):
+        raise RuntimeError("vcompile: no input dimension stayed dynamic through tracing; the model "
+                           "specialized the token dimension (check dynamic_arg_dims)")
+
+    split_gm, pieces = split_graph(gm, config.splitting_ops)
+    counters.num_piecewise_graphs_seen += len(pieces)
+    compile_names = [name for name, is_splitting in pieces if not is_splitting]
+    entries = compile_entries(config, is_encoder)
+    manager = CompilerManager(pieces_dir)
+    interpreter = PiecewiseCompileInterpreter(split_gm, compile_names, entries, manager)
+    interpreter.run(*fakes)
+
+    blobs, live, pieces_state = {}, {}, {}
+    for name, piece in interpreter.compiled.items():
+        digests = []
+        for artifact in piece["artifacts"]:  # content hash: identical artifacts are stored once
+            data = manager.blobs[id(artifact)]
+            digest = hashlib.sha256(data).hexdigest()
+            blobs[digest], live[digest] = data, artifact
+            digests.append(digest)
+        pieces_state[name] = {**piece, "artifacts": digests}
+    state = {
+        "format": FORMAT_VERSION,
+        "entries": [(e.start, e.end) for e in entries],
+        "pieces": pieces_state,
+        "blobs": blobs,
+        "submod_names": compile_names,
+        "code": None, "consts": [], "split_graph": None,
+    }
+    if config.use_codegen:
+        state["code"], state["consts"] = generate_execution_code(split_gm, compile_names)
+    else:
+        state["split_graph"] = dump_split_graph(split_gm)
+    return VcompileFunction(state, link(state, live, split_gm))
+
+
+def compile(model: torch.nn.Module, config: CompilationConfig, *,
+            dynamic_arg_dims: dict[str, int] | None = None, is_encoder: bool = False) -> CompiledModel:
+    """Returns a callable with the model's forward signature. Its first call
+    loads from the cache or compiles everything; later calls only run."""
+    return CompiledModel(model, config, dynamic_arg_dims, is_encoder)
+
+
+class CompiledModel:
+    def __init__(self, model: torch.nn.Module, config: CompilationConfig,
+                 dynamic_arg_dims: dict[str, int] | None, is_encoder: bool):
+        self.model, self.config, self.is_encoder = model, config, is_encoder
+        self.dynamic_arg_dims = dynamic_arg_dims
+        self.__signature__ = inspect.signature(model.forward)
+        self.fn: Callable | None = None  # set by the first call that succeeds
+        self.input_specs: dict[str, tuple] = {}  # argument -> (dtype, ndim, device) compiled for
+        self.compiled_fn: VcompileFunction | None = None  # what the backend returned (cold only)
+        self.cache: CacheDir | None = None
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():  # inference: the pieces are compiled without a backward
+            if self.fn is None:
+                return self._first_call(args, kwargs)
+            self._check_inputs(args, kwargs)
+            return self.fn(*args, **kwargs)
+
+    def _check_inputs(self, args, kwargs) -> None:
+        # Dynamo's guards are dropped (the graph must never be traced again), so
+        # nothing else would notice a tensor the artifacts were not built for.
+        bound = self.__signature__.bind(*args, **kwargs)
+        for name, (dtype, ndim, device) in self.input_specs.items():
+            value = bound.arguments.get(name)
+            if not isinstance(value, torch.Tensor) or (value.dtype, value.dim(), value.device) != (dtype, ndim, device):
+                got = (f"a {value.dim()}-d {value.dtype} tensor on {value.device}"
+                       if isinstance(value, torch.Tensor) else type(value).__name__)
+                raise TypeError(f"vcompile: argument '{name}' was compiled for a {ndim}-d {dtype} "
+                                f"tensor on {device}; got {got}")
+
+    def _first_call(self, args, kwargs):
+        bound = self.__signature__.bind(*args, **kwargs)
+        tensors = {n: v for n, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+        dims = self.dynamic_arg_dims if self.dynamic_arg_dims is not None else {n: 0 for n in tensors}
+        for name, dim in dims.items():
+            if name not in tensors or not -tensors[name].dim() <= dim < tensors[name].dim():
+                raise ValueError(f"vcompile: dynamic_arg_dims names {name}:{dim}, which is not a "
+                                 f"dimension of a tensor argument of {type(self.model).__name__}.forward")
+        if not dims:
+            raise ValueError("vcompile: no tensor argument to make dynamic")
+        entries = compile_entries(self.config, self.is_encoder)
+        for name, dim in dims.items():  # before any compile work, not after it
+            find_entry(tensors[name].shape[dim], entries)
+        self.input_specs = {n: (v.dtype, v.dim(), v.device) for n, v in tensors.items()}
+        device = next(self.model.parameters(), next(iter(tensors.values()))).device
+        self.cache = open_cache_dir(cache_key_factors(self.model, self.config, self.is_encoder, dims, device),
+                                    self.config)
+
+        with inductor_cache_dir(self.cache):
+            if not self.config.use_aot:
+                compiled = self._torch_compile()
+                self._mark_dynamic(args, kwargs, dims)
+                with monitor_torch_compile(self.config, self.is_encoder), _tracing_patches():
+                    # Dynamo traces, the backend compiles everything, then this
+                    # first call runs: in JIT mode they cannot be separated.
+                    out = compiled(*args, **kwargs)
+                self.fn = compiled
+                return out
+            with monitor_torch_compile(self.config, self.is_encoder):
+                aot_fn = self._load() or self._aot_compile_and_save(args, kwargs, dims)
+            # Guards were filtered out at compile time; skip checking the empty set on every call.
+            aot_fn.disable_guard_check()
+            self.fn = functools.partial(aot_fn, self.model)
+            return self.fn(*args, **kwargs)  # first run: kernels load into the cache folder
+
+    def _torch_compile(self):
+        pieces_dir = self.cache.pieces_dir if self.cache and self.cache.writable and not self.config.use_aot else None
+        # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
+        # default in torch 2.13, not in every earlier release.
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            return torch.compile(
+                self.model.forward, fullgraph=True, dynamic=False,
+                backend=functools.partial(self._backend, pieces_dir=pieces_dir),
+                # The graph is traced once and never re-checked: guards would only
+                # cost time per call, and a failed one would mean a recompile.
+                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+
+    def _backend(self, gm, example_inputs, pieces_dir=None):
+        self.compiled_fn = backend(gm, example_inputs, config=self.config, is_encoder=self.is_encoder,
+                                   pieces_dir=pieces_dir)
+        return self.compiled_fn
+
+    def _mark_dynamic(self, args, kwargs, dims) -> None:
+        bound = self.__signature__.bind(*args, **kwargs)
+        for name, dim in dims.items():
+            torch._dynamo.mark_dynamic(bound.arguments[name], dim)
+
+    def _aot_compile_and_save(self, args, kwargs, dims):
+        compiled = self._torch_compile()
+        self._mark_dynamic(args, kwargs, dims)
+        with _tracing_patches():
+            aot_fn = compiled.aot_compile((args, kwargs))
+        counters.num_aot_compiles += 1
+        if self.cache is not None and self.cache.writable:
+            self._save(aot_fn)
+        return aot_fn
+
+    def _save(self, aot_fn) -> None:
+        path = self.cache.model_path
+        try:
+            tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.raw"
+            try:
+                aot_fn.save_compiled_function(tmp)
+                with open(tmp, "rb") as f:
+                    payload = f.read()
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            write_artifact(path, payload)
+            if self.compiled_fn.state["code"] is not None:  # for people to read; never loaded
+                with open(f"{path}.{os.getpid()}.py.tmp", "w") as f:
+                    f.write(self.compiled_fn.state["code"])
+                os.replace(f"{path}.{os.getpid()}.py.tmp", f"{path}.py")
+        except OSError as e:
+            logger.warning("vcompile: could not save the compiled model to %s: %s", path, e)
+            return
+        counters.num_aot_artifacts_saved += 1
+        counters.num_compiled_artifacts_saved += len(self.compiled_fn.state["blobs"])
+        logger.info("Saved the compiled model to %s", path)
+
+    def _load(self):
+        if self.cache is None:
+            return None
+        path = self.cache.model_path
+        force = os.environ.get("VCOMPILE_FORCE_AOT_LOAD") == "1"
+        if not force and not os.path.exists(path):
+            return None
+        try:
+            payload = read_artifact(path)
+            aot_fn = torch.compiler.load_compiled_function(io.BytesIO(payload), f_globals=self.model.forward.__globals__)
+            check_sources_unchanged(aot_fn.source_info())
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if force:
+                raise RuntimeError(f"vcompile: cannot load {path} ({reason}) and VCOMPILE_FORCE_AOT_LOAD=1") from e
+            logger.warning("Compiling model again due to a load failure from %s, reason: %s", path, reason)
+            return None
+        counters.num_aot_artifacts_loaded += 1
+        logger.info("Loaded the compiled model from %s", path)
+        return aot_fn
+
+
+def check_sources_unchanged(source_info) -> None:
+    """The AOT artifact records each file Dynamo traced, whole. A file that
+    changed since means a stale graph: refuse it, and the caller recompiles."""
+    for module_name in sorted({s.module for s in source_info.inlined_sources}):
+        saved = next(s.content for s in source_info.inlined_sources if s.module == module_name)
+        module = sys.modules.get(module_name) or importlib.import_module(module_name)
+        if inspect.getsource(module) != saved:
+            raise ValueError(f"source file {inspect.getsourcefile(module)} changed since it was compiled")
+
+
+@contextlib.contextmanager
+def _tracing_patches():
+    # backed_size_oblivious: a first call of size 0 or 1 would otherwise make
+    # Dynamo specialize the token dimension to that size, silently, since the
+    # guards that would catch it are dropped.
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        yield
