@@ -387,7 +387,7 @@ def test_concrete_args_substitute_the_size_and_keep_the_storage_offset():
     assert tuple(x.shape) == (5, 16) and x.stride() == (16, 1) and x.storage_offset() == 32
     assert tuple(w.shape) == (16, 8)
     # A fresh ShapeEnv: the single-size compile sees plain ints, no symbols.
-    assert x.fake_mode is not symbolic[2].fake_mode and not x.fake_mode.shape_env.var_to_val
+    assert x.fake_mode is not symbolic[2].fake_mode and not x.fake_mode.shape_env.var_to_range
     assert vcompile.where_is_the_size(symbolic) == (0, None)
 
 
@@ -411,7 +411,112 @@ def test_single_size_artifact_is_specialized(device):
 # 6. Compiler manager and the in-memory cache (vLLM PR 41023)
 # =============================================================================
 
-# (see the in-memory cache tests below)
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inductor_compiles_do_not_grow_with_depth(device):
+    results = {}
+    for layers in (2, 16):
+        model = decoder(device, layers)
+        fn = vcompile.compile(model, config(**ISSUE_CONFIG))
+        before = counter_values()
+        fn(token_ids(9, device))
+        results[layers] = {k: v - before[k] for k, v in counter_values().items()}
+        errors = max_error(fn, model, ISSUE_SIZES, device)
+        assert all(err <= TOL[device] for err in errors.values()), (layers, errors)
+        torch._dynamo.reset()
+    entries = 5
+    # Three distinct pieces (embedding + first QKV, a layer's middle, the last
+    # MLP + norm) compiled once per entry, at any depth.
+    assert results[2]["num_inductor_compiles"] == results[16]["num_inductor_compiles"] == 3 * entries
+    assert results[2]["num_inmemory_cache_hits"] == 0
+    # 15 middle pieces (a layer's MLP and the next one's QKV): one compiles, 14 hit.
+    assert results[16]["num_inmemory_cache_hits"] == (16 - 2) * entries
+    # Every piece x entry request counts, hits included.
+    assert results[16]["num_backend_compilations"] == (16 + 1) * entries
+
+
+class RepeatedMLP(torch.nn.Module):
+    """p0 | attn | mlp | attn | mlp: the last compiled piece is isomorphic to
+    the one before it, so every entry's last compile request is a hit."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, hidden)
+        self.mlps = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(hidden, 2 * hidden), torch.nn.SiLU(),
+                                                            torch.nn.Linear(2 * hidden, hidden)) for _ in range(2))
+
+    def forward(self, x):
+        x = self.proj(x)
+        for mlp in self.mlps:
+            x = mlp(torch.ops.vcompile_bench.attention(x, x, x, 2))
+        return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_range_time_is_logged_when_the_last_piece_is_a_cache_hit(device, caplog):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    torch.manual_seed(0)
+    model = RepeatedMLP().to(device)
+    cfg = config(**SMALL_CONFIG)
+    entries = vcompile.compile_entries(cfg, is_encoder=False)
+    x = torch.randn(9, 32, device=device)
+    with counters.expect(num_inmemory_cache_hits=len(entries), num_inductor_compiles=2 * len(entries),
+                         num_backend_compilations=3 * len(entries)):
+        out = vcompile.compile(model, cfg)(x)
+    torch.testing.assert_close(out, model(x), atol=TOL[device], rtol=TOL[device])
+    logged = [m.split(" takes ")[0] for m in messages(caplog) if m.startswith("Compiling a graph for compile range")]
+    # PR 41023: the hit path used to return before this log line.
+    assert logged == [f"Compiling a graph for compile range {e}" for e in entries]
+
+
+@torch.library.custom_op("vcompile_test::widen", mutates_args=())
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x], dim=-1)
+
+
+@_widen.register_fake
+def _(x):
+    return x.new_empty(x.shape[0], 2 * x.shape[1])
+
+
+@torch.library.custom_op("vcompile_test::to_double", mutates_args=())
+def _to_double(x: torch.Tensor) -> torch.Tensor:
+    return x.double()
+
+
+@_to_double.register_fake
+def _(x):
+    return torch.empty_like(x, dtype=torch.float64)
+
+
+class OneDifference(torch.nn.Module):
+    """Pieces after a reference piece `relu(x) + 1`: one copy of it, then one
+    differing only in an op, one only in a shape, one only in a dtype."""
+
+    def forward(self, x):
+        x = x * 2
+        x = torch.ops.vcompile_test.attn(x)
+        x = torch.relu(x) + 1  # the reference
+        x = torch.ops.vcompile_test.attn(x)
+        x = torch.relu(x) + 1  # the same: must share
+        x = torch.ops.vcompile_test.attn(x)
+        x = torch.sigmoid(x) + 1  # another op
+        x = torch.ops.vcompile_test.widen(x)
+        x = torch.relu(x) + 1  # another shape
+        x = torch.ops.vcompile_test.to_double(x)
+        return torch.relu(x) + 1  # another dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pieces_that_differ_in_an_op_shape_or_dtype_do_not_share(device):
+    cfg = config(splitting_ops=["vcompile_test::attn", "vcompile_test::widen", "vcompile_test::to_double"],
+                 **SMALL_CONFIG)
+    entries = len(vcompile.compile_entries(cfg, is_encoder=False))
+    x = torch.randn(9, 32, device=device)
+    with counters.expect(num_inmemory_cache_hits=entries, num_inductor_compiles=5 * entries):
+        out = vcompile.compile(OneDifference(), cfg)(x)
+    assert out.dtype == torch.float64 and out.shape == (9, 64)
+    torch.testing.assert_close(out, OneDifference()(x), atol=TOL[device], rtol=TOL[device])
 
 
 # =============================================================================

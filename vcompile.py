@@ -288,12 +288,15 @@ class CacheDir:
 _warned_roots: set[str] = set()
 
 
+def cache_hash(factors: dict) -> str:
+    return hashlib.sha256(json.dumps(factors, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
     if config.disable_cache or os.environ.get("VCOMPILE_DISABLE_CACHE") == "1":
         return None
     root = cache_root(config)
-    digest = hashlib.sha256(json.dumps(factors, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    hash_dir = os.path.join(root, "torch_aot_compile", digest)
+    hash_dir = os.path.join(root, "torch_aot_compile", cache_hash(factors))
     rank, dp_rank = distributed_ranks()
     cache = CacheDir(hash_dir, os.path.join(hash_dir, f"rank_{rank}_{dp_rank}"), writable=True)
     try:
@@ -471,7 +474,9 @@ def concrete_args(gm: fx.GraphModule, size: int) -> list:
     def concrete(value) -> int:
         if not isinstance(value, torch.SymInt):
             return int(value)
-        expr, traced = value.node.expr, value.node.shape_env.var_to_val
+        expr, shape_env = value.node.expr, value.node.shape_env
+        # Torch versions differ here: 2.13 renamed var_to_val (the old name warns).
+        traced = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
         return int(expr.subs({s: size if s in dims else traced[s] for s in expr.free_symbols}))
 
     args = []
