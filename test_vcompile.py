@@ -79,19 +79,32 @@ def messages(caplog) -> list[str]:
 # --- child processes ---------------------------------------------------------
 
 
-def run_child(function: str, timeout: float = 600, env: dict | None = None, check: bool = True, **kwargs):
-    """Runs test_vcompile.<function>(**kwargs) in a fresh Python process and
-    returns what it returned (JSON), or the CompletedProcess when check=False."""
+def start_child(function: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """Starts test_vcompile.<function>(**kwargs) in a fresh Python process."""
     code = ("import json, sys, test_vcompile as t; "
             f"print('\\n' + json.dumps(t.{function}(**json.loads(sys.argv[1]))))")
     child_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], cwd=REPO, env=child_env,
-                          capture_output=True, text=True, timeout=timeout)
-    if not check:
-        return proc
+    child_env = {k: str(v) for k, v in child_env.items() if v is not None}  # None removes a variable
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(kwargs)], cwd=REPO, env=child_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_child(proc: subprocess.Popen, timeout: float = 600):
+    """Waits for a child; returns what its function returned (JSON)."""
+    out, err = proc.communicate(timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"child {function} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise AssertionError(f"child failed ({proc.returncode}):\n{err[-6000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_child(function: str, env: dict | None = None, **kwargs):
+    return finish_child(start_child(function, env, **kwargs))
+
+
+def run_children(calls: list[tuple[str, dict]], env: dict | None = None) -> list:
+    """Runs independent children at the same time (the tests' time is mostly
+    gcc and Python in children, one core each)."""
+    return [finish_child(p) for p in [start_child(f, env, **kwargs) for f, kwargs in calls]]
 
 
 class _Recorder(logging.Handler):
@@ -112,8 +125,34 @@ def record_logs() -> _Recorder:
 
 
 def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=SMALL_SIZES,
-                  config_kwargs: dict | None = None, first_size: int = 9) -> dict:
-    """Child body: compile the decoder, compare every size with eager, report."""
+                  config_kwargs: dict | None = None, first_size: int = 9,
+                  drop_field: str | None = None, pause_before_rename: str | None = None,
+                  rank: int | None = None, world: int = 1, store: str | None = None) -> dict:
+    """Child body: compile the decoder, compare every size with eager, report.
+
+    drop_field: save the way an older vcompile would have, one field short.
+    pause_before_rename: recompile even if a saved model exists, and stop in
+    the save (the artifact written, not yet renamed into place) until killed;
+    the file named here appears when the child gets there.
+    rank, world, store: join a gloo process group first.
+    """
+    if rank is not None:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    if drop_field is not None:
+        vcompile.VcompileFunction.serialize_compile_artifacts = classmethod(
+            lambda cls, fn: __import__("pickle").dumps({k: v for k, v in fn.state.items() if k != drop_field}))
+    if pause_before_rename is not None:
+        import time
+        vcompile.CompiledModel._load = lambda self: None
+        real_replace = os.replace
+
+        def replace_after_a_pause(src, dst):
+            if os.path.basename(dst) == "model":
+                open(pause_before_rename, "w").close()
+                time.sleep(600)
+            return real_replace(src, dst)
+
+        os.replace = replace_after_a_pause
     logs = record_logs()
     model = decoder(device, layers)
     cfg = CompilationConfig(**{"splitting_ops": bench.SPLITTING_OPS, "cache_dir": root,
@@ -126,6 +165,28 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
     return {"counters": first, "later": later, "errors": errors, "logs": logs.lines,
             "compilation_time": cfg.compilation_time,
             "hash_dir": fn.cache.hash_dir if fn.cache else None}
+
+
+@pytest.fixture(scope="session")
+def cold_cache(tmp_path_factory):
+    """One cold compile of the decoder per device, in a fresh root, run in a
+    child process. Tests that need a warm cache copy its hash folder."""
+    done = {}
+
+    def get(device: str) -> dict:
+        if device not in done:
+            root = tmp_path_factory.mktemp(f"cold-{device}")
+            done[device] = run_child("child_decoder", root=str(root), device=device)
+        return done[device]
+
+    return get
+
+
+def copy_cache(hash_dir: str, root) -> str:
+    """Copies a hash folder into another cache root; returns the copy's path."""
+    target = os.path.join(str(root), "torch_aot_compile", os.path.basename(hash_dir))
+    shutil.copytree(hash_dir, target)
+    return target
 
 
 def assert_matches_eager(result: dict, device: str) -> None:
@@ -269,7 +330,296 @@ def test_failed_compile_adds_no_time(device, monkeypatch):
 # 3. Cache directory and cache key (vLLM PR 39718)
 # =============================================================================
 
-# (filled in with the warm-start tests below)
+WARM = dict(num_aot_artifacts_loaded=1, num_inductor_compiles=0, num_graphs_seen=0, num_backend_compilations=0,
+            num_fx_graph_deserializations=0, num_aot_compiles=0)
+
+
+def assert_counters(result: dict, **expected) -> None:
+    got = {k: result["counters"][k] for k in expected}
+    assert got == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cold_then_warm_in_fresh_processes(device, cold_cache):
+    cold = cold_cache(device)
+    pieces, entries = 3, 3
+    assert_counters(cold, num_aot_compiles=1, num_aot_artifacts_saved=1, num_graphs_seen=1,
+                    num_inductor_compiles=pieces * entries, num_aot_artifacts_loaded=0)
+    assert_matches_eager(cold, device)
+    root = os.path.dirname(os.path.dirname(cold["hash_dir"]))
+    assert os.path.basename(os.path.dirname(cold["hash_dir"])) == "torch_aot_compile"
+    assert len(os.path.basename(cold["hash_dir"])) == 16
+    assert os.path.isfile(os.path.join(cold["hash_dir"], "rank_0_0", "model"))
+    assert os.listdir(os.path.join(cold["hash_dir"], "inductor_cache"))  # Inductor wrote here, not to /tmp
+
+    warm = run_child("child_decoder", root=root, device=device)
+    assert_counters(warm, **WARM)
+    assert warm["counters"]["num_compiled_artifacts_loaded"] == cold["counters"]["num_compiled_artifacts_saved"]
+    assert all(v == 0 for v in warm["later"].values()), warm["later"]
+    assert_matches_eager(warm, device)
+    assert any(line.startswith("INFO Loaded the compiled model from") for line in warm["logs"])
+
+
+def files_under(path) -> set[str]:
+    return {os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copied_hash_folder_starts_warm_and_writes_nowhere_else(device, cold_cache, tmp_path):
+    cold = cold_cache(device)
+    root, tmp, home = tmp_path / "moved", tmp_path / "tmp", tmp_path / "home"
+    tmp.mkdir(), home.mkdir()
+    copy = copy_cache(cold["hash_dir"], root)
+    before = files_under(root)
+    # A machine where /tmp was wiped: no default Inductor folder, empty TMPDIR and HOME.
+    warm = run_child("child_decoder", root=str(root), device=device,
+                     env={"TORCHINDUCTOR_CACHE_DIR": None, "TRITON_CACHE_DIR": None, "TMPDIR": tmp, "HOME": home})
+    assert_counters(warm, **WARM)
+    assert_matches_eager(warm, device)
+    assert warm["hash_dir"] == copy
+    assert files_under(tmp) == set() and files_under(home) == set()
+    new = files_under(root) - before
+    assert all(f.startswith(os.path.join("torch_aot_compile", os.path.basename(copy))) for f in new), new
+
+
+# --- faults: the cache must never crash a start, serve a stale artifact, or corrupt itself
+
+
+def damage(path: str, how: str) -> None:
+    data = open(path, "rb").read()
+    damaged = {"truncated": data[: len(data) // 2], "zero-length": b"",
+               "flipped bytes": data[: len(data) // 2] + bytes(b ^ 0xFF for b in data[len(data) // 2:][:16])
+               + data[len(data) // 2 + 16:]}[how]
+    with open(path, "wb") as f:
+        f.write(damaged)
+
+
+def cold_copy(cold_cache, device, root, keep_model: bool = True) -> str:
+    copy = copy_cache(cold_cache(device)["hash_dir"], root)
+    if not keep_model:
+        os.remove(os.path.join(copy, "rank_0_0", "model"))
+    return copy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_damaged_artifacts_are_compiled_again_and_replaced(device, cold_cache, tmp_path):
+    faults = ["truncated", "zero-length", "flipped bytes", "older format"]
+    roots = {fault: tmp_path / fault.replace(" ", "-") for fault in faults}
+    paths = {fault: os.path.join(cold_copy(cold_cache, device, roots[fault], keep_model=fault != "older format"),
+                                 "rank_0_0", "model") for fault in faults}
+    # What an older vcompile wrote: a valid file whose saved function lacks a field.
+    run_child("child_decoder", root=str(roots["older format"]), device=device, drop_field="submod_names")
+    for fault in faults[:3]:
+        damage(paths[fault], fault)
+    reasons = {"truncated": "checksum mismatch", "zero-length": "empty, truncated or foreign",
+               "flipped bytes": "checksum mismatch", "older format": "missing ['submod_names']"}
+    recovered = run_children([("child_decoder", dict(root=str(roots[f]), device=device)) for f in faults])
+    warm = run_children([("child_decoder", dict(root=str(roots[f]), device=device)) for f in faults])
+    for fault, again, after in zip(faults, recovered, warm):
+        warnings = [line for line in again["logs"] if line.startswith("WARNING")]
+        assert len(warnings) == 1, (fault, warnings)
+        assert warnings[0].startswith(f"WARNING Compiling model again due to a load failure from {paths[fault]}, reason: ")
+        assert reasons[fault] in warnings[0], (fault, warnings[0])
+        assert_counters(again, num_aot_compiles=1, num_aot_artifacts_saved=1)
+        assert_matches_eager(again, device)
+        assert_counters(after, **WARM)  # the recompile replaced the damaged file
+        assert_matches_eager(after, device)
+
+
+def child_forced_loads(roots: list[str], device: str) -> list[str]:
+    errors = []
+    for root in roots:
+        fn = vcompile.compile(decoder(device), CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root,
+                                                                 **SMALL_CONFIG))
+        try:
+            fn(token_ids(9, device))
+            errors.append("")
+        except RuntimeError as e:
+            errors.append(str(e))
+    return errors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forced_aot_load_raises_on_the_same_faults(device, cold_cache, tmp_path):
+    roots = []
+    for fault in ["truncated", "zero-length", "flipped bytes", "missing"]:
+        root = tmp_path / fault.replace(" ", "-")
+        path = os.path.join(cold_copy(cold_cache, device, root), "rank_0_0", "model")
+        os.remove(path) if fault == "missing" else damage(path, fault)
+        roots.append(str(root))
+    errors = run_child("child_forced_loads", roots=roots, device=device, env={"VCOMPILE_FORCE_AOT_LOAD": "1"})
+    assert all("and VCOMPILE_FORCE_AOT_LOAD=1" in e and "cannot load" in e for e in errors), errors
+    assert "checksum mismatch" in errors[0] and "FileNotFoundError" in errors[3]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_deleted_inductor_cache_loads_from_the_artifact_alone(device, cold_cache, tmp_path):
+    copy = cold_copy(cold_cache, device, tmp_path)
+    shutil.rmtree(os.path.join(copy, "inductor_cache"))
+    result = run_child("child_decoder", root=str(tmp_path), device=device)
+    # The artifact carries every kernel's source: Inductor rebuilds them (on
+    # CPU with gcc, slowly) and no graph is compiled again.
+    assert_counters(result, **WARM)
+    assert not [line for line in result["logs"] if line.startswith("WARNING")]
+    assert_matches_eager(result, device)
+
+
+def wait_for(path: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"child ended before reaching {path}:\n{proc.stderr.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"child never reached {path}")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_process_killed_while_saving_leaves_the_old_artifact_or_none(device, cold_cache, tmp_path):
+    old_root, new_root = tmp_path / "old", tmp_path / "none"
+    old = os.path.join(cold_copy(cold_cache, device, old_root), "rank_0_0", "model")
+    none = os.path.join(cold_copy(cold_cache, device, new_root, keep_model=False), "rank_0_0", "model")
+    old_bytes = open(old, "rb").read()
+    markers = [str(tmp_path / "old.saving"), str(tmp_path / "none.saving")]
+    procs = [start_child("child_decoder", root=str(root), device=device, pause_before_rename=marker)
+             for root, marker in zip([old_root, new_root], markers)]
+    for proc, marker in zip(procs, markers):
+        wait_for(marker, proc)
+        proc.kill()
+        proc.communicate()
+    assert open(old, "rb").read() == old_bytes
+    assert not os.path.exists(none)
+    # The next process starts from what is there, leftovers of the kill aside.
+    warm, cold = run_children([("child_decoder", dict(root=str(old_root), device=device)),
+                               ("child_decoder", dict(root=str(new_root), device=device))])
+    assert_counters(warm, **WARM)
+    assert_counters(cold, num_aot_compiles=1, num_aot_artifacts_saved=1, num_aot_artifacts_loaded=0)
+    for result in (warm, cold):
+        assert not [line for line in result["logs"] if line.startswith("WARNING")]
+        assert_matches_eager(result, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_processes_compiling_into_one_root_at_once_all_succeed(device, cold_cache, tmp_path):
+    for n in (2, 4):
+        root = tmp_path / f"together-{n}"
+        cold_copy(cold_cache, device, root, keep_model=False)
+        results = run_children([("child_decoder", dict(root=str(root), device=device))] * n)
+        for result in results:
+            assert_counters(result, num_aot_compiles=1, num_aot_artifacts_saved=1)
+            assert_matches_eager(result, device)
+    fifth = run_child("child_decoder", root=str(root), device=device)
+    assert_counters(fifth, **WARM)
+    assert_matches_eager(fifth, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_ranks_share_a_hash_folder_and_each_starts_warm(device, cold_cache, tmp_path):
+    if device == "cuda" and torch.cuda.device_count() < 1:
+        pytest.fail("no GPU")
+    copy = cold_copy(cold_cache, device, tmp_path, keep_model=False)
+    rounds = []
+    for name in ("cold", "warm"):
+        store = str(tmp_path / f"store-{name}")
+        rounds.append(run_children([("child_decoder", dict(root=str(tmp_path), device=device, rank=rank, world=2,
+                                                            store=store)) for rank in (0, 1)]))
+    assert sorted(d for d in os.listdir(copy) if d.startswith("rank_")) == ["rank_0_0", "rank_1_0"]
+    assert all(os.path.isfile(os.path.join(copy, d, "model")) for d in ("rank_0_0", "rank_1_0"))
+    for cold, warm in zip(*rounds):
+        assert cold["hash_dir"] == warm["hash_dir"] == copy  # one folder, one inductor_cache for both ranks
+        assert_counters(cold, num_aot_compiles=1, num_aot_artifacts_saved=1)
+        assert_counters(warm, **WARM)
+        assert_matches_eager(cold, device)
+        assert_matches_eager(warm, device)
+
+
+def unwritable_roots(tmp_path) -> dict[str, str]:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    # Permissions do not stop root; a read-only file system does (/sys).
+    return {"read-only": str(read_only) if os.geteuid() != 0 else "/sys",
+            "cannot be created": str(blocker / "cache")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["read-only", "cannot be created"])
+def test_an_unwritable_root_compiles_anyway_and_warns_once(device, kind, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    monkeypatch.setattr(vcompile, "_warned_roots", set())
+    root = unwritable_roots(tmp_path)[kind]
+    for _ in range(2):
+        model = decoder(device)
+        fn = vcompile.compile(model, config(disable_cache=False, cache_dir=root, **SMALL_CONFIG))
+        assert max(max_error(fn, model, [9, 4], device).values()) <= TOL[device]
+        torch._dynamo.reset()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "vcompile" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"vcompile: cannot write the compile cache under {root}")
+
+
+def snapshot(path) -> dict:
+    return {f: (os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f)))
+            for f in files_under(path)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["config", "environment"])
+def test_a_disabled_cache_reads_and_writes_nothing(device, how, cold_cache, tmp_path, monkeypatch):
+    cold_copy(cold_cache, device, tmp_path)
+    before = snapshot(tmp_path)
+    if how == "environment":
+        monkeypatch.setenv("VCOMPILE_DISABLE_CACHE", "1")
+    cfg = CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=str(tmp_path),
+                            disable_cache=how == "config", **SMALL_CONFIG)
+    with counters.expect(num_aot_artifacts_loaded=0, num_aot_compiles=1, num_aot_artifacts_saved=0):
+        fn = vcompile.compile(decoder(device), cfg)
+        fn(token_ids(9, device))
+    assert fn.cache is None and snapshot(tmp_path) == before
+
+
+def hash_of(model, cfg, device="cpu", is_encoder=False, dims=None) -> str:
+    factors = vcompile.cache_key_factors(model, cfg, is_encoder, dims or {"input_ids": 0}, torch.device(device))
+    return vcompile.cache_hash(factors)
+
+
+def test_cache_hash_changes_with_what_changes_the_code(monkeypatch):
+    import dataclasses
+    cfg = config(**SMALL_CONFIG)
+    base = hash_of(decoder("cpu"), cfg)
+    other_weights = decoder("cpu")
+    with torch.no_grad():
+        for p in other_weights.parameters():
+            p.add_(1.0)
+    unchanged = {
+        "weights' values": hash_of(other_weights, cfg),
+        "use_aot": hash_of(decoder("cpu"), dataclasses.replace(cfg, use_aot=False)),
+        "cache_dir": hash_of(decoder("cpu"), dataclasses.replace(cfg, cache_dir="/elsewhere")),
+        "endpoint order": hash_of(decoder("cpu"), dataclasses.replace(cfg, compile_ranges_endpoints=[8, 8, 1])),
+    }
+    assert all(h == base for h in unchanged.values()), unchanged
+    changed = {
+        "parameter shape": hash_of(decoder("cpu", hidden=32), cfg),
+        "parameter dtype": hash_of(decoder("cpu").double(), cfg),
+        "depth": hash_of(decoder("cpu", layers=3), cfg),
+        "splitting_ops": hash_of(decoder("cpu"), dataclasses.replace(cfg, splitting_ops=["other::op"])),
+        "ranges": hash_of(decoder("cpu"), dataclasses.replace(cfg, compile_ranges_endpoints=[16])),
+        "token budget": hash_of(decoder("cpu"), dataclasses.replace(cfg, max_num_batched_tokens=64)),
+        "sizes": hash_of(decoder("cpu"), dataclasses.replace(cfg, compile_sizes=[4, 8])),
+        "use_codegen": hash_of(decoder("cpu"), dataclasses.replace(cfg, use_codegen=False)),
+        "encoder": hash_of(decoder("cpu"), cfg, is_encoder=True),
+        "device": hash_of(decoder("cpu"), cfg, device="meta"),
+        "dynamic dims": hash_of(decoder("cpu"), cfg, dims={"input_ids": -1}),
+    }
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    changed["torch version"] = hash_of(decoder("cpu"), cfg)
+    monkeypatch.undo()
+    with torch._inductor.config.patch(max_autotune=True):
+        changed["inductor config"] = hash_of(decoder("cpu"), cfg)
+    assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
 
 
 # =============================================================================
@@ -582,14 +932,190 @@ def test_first_call_of_size_one_does_not_specialize(device):
 # 8. Codegen with inlined submodules (vLLM PR 40151)
 # =============================================================================
 
-# (see the codegen tests below)
+
+@torch.library.custom_op("vcompile_test::cast", mutates_args=())
+def _cast(x: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return x.to(dtype=dtype, device=device).clone()
+
+
+@_cast.register_fake
+def _(x, dtype, device):
+    return torch.empty_like(x, dtype=dtype, device=device)
+
+
+def split_for_codegen():
+    """relu | cast(dtype=, device=) | neg | pair, getitem, getitem | add, split."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.ops.aten.relu.default, (x,))
+    b = g.call_function(torch.ops.vcompile_test.cast.default, (a,),
+                        {"dtype": torch.float64, "device": torch.device("cpu")})
+    c = g.call_function(torch.ops.aten.neg.default, (b,))
+    p = g.call_function(torch.ops.vcompile_test.pair.default, (c,))
+    total = g.call_function(torch.ops.aten.add.Tensor,
+                            (g.call_function(operator.getitem, (p, 0)), g.call_function(operator.getitem, (p, 1))))
+    g.output((total, a))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    split_gm, pieces = vcompile.split_graph(gm, ["vcompile_test::cast", "vcompile_test::pair"])
+    return gm, split_gm, [name for name, splits in pieces if not splits]
+
+
+def functions_of(code: str) -> dict[str, ast.FunctionDef]:
+    return {node.name: node for node in ast.parse(code).body if isinstance(node, ast.FunctionDef)}
+
+
+def test_codegen_inlines_splitting_pieces_and_lifts_constants():
+    _, split_gm, compiled = split_for_codegen()
+    code, consts = vcompile.generate_execution_code(split_gm, compiled)
+    functions = functions_of(code)  # parses: valid Python
+    assert set(functions) == {"_inlined_submod_1", "_inlined_submod_3", "execution_fn"}
+    inlined = ast.unparse(functions["_inlined_submod_1"])
+    assert "torch.ops.vcompile_test.cast.default(relu_default, dtype=__vcompile_consts__[0], " \
+           "device=__vcompile_consts__[1])" in inlined
+    assert consts == [torch.float64, torch.device("cpu")]
+    assert "torch.ops.vcompile_test.pair.default(" in ast.unparse(functions["_inlined_submod_3"])
+    main = ast.unparse(functions["execution_fn"])
+    assert main.startswith("def execution_fn(x, *, __vcompile_submods__):")
+    assert [f"__vcompile_submods__[{i}](" in main for i in range(3)] == [True] * 3
+    assert "submod_1 = _inlined_submod_1(submod_0)" in main
+
+
+def test_codegen_deletes_every_value_after_its_last_use():
+    _, split_gm, compiled = split_for_codegen()
+    code, _ = vcompile.generate_execution_code(split_gm, compiled)
+    for name, function in functions_of(code).items():
+        params = {a.arg for a in function.args.args}
+        returned = {n.id for s in function.body if isinstance(s, ast.Return) for n in ast.walk(s) if isinstance(n, ast.Name)}
+        deleted_at, last_load = {}, {}
+        for i, statement in enumerate(function.body):
+            for node in ast.walk(statement):
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Del):
+                    deleted_at[node.id] = i
+                elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                    last_load[node.id] = i
+        locals_ = {t.id for s in function.body if isinstance(s, ast.Assign) for t in s.targets} | params
+        # Each value not returned is deleted, right after the statement that last reads it.
+        assert set(deleted_at) == locals_ - returned, name
+        assert all(deleted_at[v] == last_load[v] + 1 for v in deleted_at), (name, deleted_at, last_load)
+
+
+def test_generated_code_runs_like_the_split_graph():
+    gm, split_gm, compiled = split_for_codegen()
+    code, consts = vcompile.generate_execution_code(split_gm, compiled)
+    fn = vcompile.bind_execution_code(code, consts, [getattr(split_gm, n) for n in compiled])
+    x = torch.randn(5, 3)
+    for got, want in zip(fn(x), gm(x)):
+        torch.testing.assert_close(got, want)
+
+
+class ConstantAttentionDecoder(bench.Decoder):
+    """The decoder, with an attention op that takes a dtype and a device:
+    constants the generated code cannot spell with repr()."""
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            q, k, v = layer.qkv(layer.input_norm(x)).chunk(3, dim=-1)
+            attn = torch.ops.vcompile_test.attention_in(q, k, v, layer.num_heads, torch.float64, x.device)
+            x = x + layer.o_proj(attn)
+            gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)
+            x = x + layer.down(torch.nn.functional.silu(gate) * up)
+        return self.norm(x)
+
+
+@torch.library.custom_op("vcompile_test::attention_in", mutates_args=())
+def _attention_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                  dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Attention computed in `dtype` on `device`, returned like q."""
+    out = bench.attention(*(t.to(dtype=dtype, device=device) for t in (q, k, v)), num_heads)
+    return out.to(dtype=q.dtype, device=q.device)
+
+
+@_attention_in.register_fake
+def _(q, k, v, num_heads, dtype, device):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def child_constant_model(root: str, device: str) -> dict:
+    torch.manual_seed(0)
+    model = ConstantAttentionDecoder().to(device)
+    cfg = CompilationConfig(splitting_ops=["vcompile_test::attention_in"], cache_dir=root, **SMALL_CONFIG)
+    fn = vcompile.compile(model, cfg)
+    errors = max_error(fn, model, SMALL_SIZES, device)
+    code = open(fn.cache.model_path + ".py").read()
+    return {"counters": counter_values(), "errors": errors, "code": code}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constants_in_the_attention_piece_survive_a_warm_load(device, tmp_path):
+    cold = run_child("child_constant_model", root=str(tmp_path), device=device)
+    warm = run_child("child_constant_model", root=str(tmp_path), device=device)
+    assert_counters(warm, **WARM)
+    for result in (cold, warm):
+        assert_matches_eager(result, device)
+    # The readable copy beside the artifact: the op by its qualified name, its
+    # constants lifted.
+    assert "torch.ops.vcompile_test.attention_in(" in warm["code"] and "__vcompile_consts__[0]" in warm["code"]
+    assert "torch.float64" in warm["code"].splitlines()[2]
 
 
 # =============================================================================
 # 9. Serializable compiled function (vLLM PR 40151)
 # =============================================================================
 
-# (see the save and load tests below)
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_size_does_not_grow_with_depth(device, cold_cache, tmp_path):
+    shallow = cold_cache(device)
+    deep = run_child("child_decoder", root=str(tmp_path), device=device, layers=16)
+    assert_matches_eager(deep, device)
+    # Isomorphic layers share artifacts, and each unique artifact is stored once.
+    assert deep["counters"]["num_compiled_artifacts_saved"] == shallow["counters"]["num_compiled_artifacts_saved"]
+    assert folder_bytes(deep["hash_dir"]) <= 1.5 * folder_bytes(shallow["hash_dir"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_codegen_the_split_graph_is_pickled_and_deserialized(device, tmp_path):
+    cold = run_child("child_decoder", root=str(tmp_path), device=device, config_kwargs={"use_codegen": False})
+    warm = run_child("child_decoder", root=str(tmp_path), device=device, config_kwargs={"use_codegen": False})
+    assert_counters(cold, num_fx_graph_deserializations=0, num_aot_artifacts_saved=1)
+    assert_counters(warm, **{**WARM, "num_fx_graph_deserializations": 1})
+    assert_matches_eager(cold, device)
+    assert_matches_eager(warm, device)
+    assert not os.path.exists(os.path.join(warm["hash_dir"], "rank_0_0", "model.py"))
+
+
+def test_saved_state_from_another_version_is_refused():
+    import pickle
+    state = {"format": vcompile.FORMAT_VERSION, "entries": [], "pieces": {}, "blobs": {}}  # fields missing
+    with pytest.raises(ValueError, match="missing.*code"):
+        vcompile.VcompileFunction.deserialize_compile_artifacts(pickle.dumps(state))
+    full = {**state, "code": "", "consts": [], "submod_names": [], "split_graph": None, "format": 0}
+    with pytest.raises(ValueError, match="format 0"):
+        vcompile.VcompileFunction.deserialize_compile_artifacts(pickle.dumps(full))
+
+
+def test_artifact_files_are_checked_before_use(tmp_path):
+    path = str(tmp_path / "model")
+    vcompile.write_artifact(path, b"payload" * 100)
+    assert vcompile.read_artifact(path) == b"payload" * 100
+    assert os.listdir(tmp_path) == ["model"]  # the temporary file was renamed into place
+    data = open(path, "rb").read()
+    cases = {
+        "zero-length": (b"", "empty, truncated or foreign"),
+        "truncated": (data[:-10], "checksum mismatch"),
+        "flipped byte": (data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:], "checksum mismatch"),
+        "older format": (data[:8] + (0).to_bytes(4, "little") + data[12:], "artifact format 0"),
+    }
+    for name, (content, reason) in cases.items():
+        with open(path, "wb") as f:
+            f.write(content)
+        with pytest.raises(ValueError, match=reason):
+            vcompile.read_artifact(path)
 
 
 # =============================================================================
@@ -630,3 +1156,68 @@ def test_dynamic_arg_dims_must_name_a_tensor_dimension(device):
     fn = vcompile.compile(decoder(device), config(**SMALL_CONFIG), dynamic_arg_dims={"input_ids": 1})
     with pytest.raises(ValueError, match="input_ids:1"):
         fn(token_ids(9, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_jit_mode_traces_every_start_and_loads_every_piece(device, cold_cache, tmp_path):
+    copy = copy_cache(cold_cache(device)["hash_dir"], tmp_path)  # JIT shares the folder; start it cold
+    os.remove(os.path.join(copy, "rank_0_0", "model"))
+    jit = {"use_aot": False}
+    cold = run_child("child_decoder", root=str(tmp_path), device=device, config_kwargs=jit)
+    warm = run_child("child_decoder", root=str(tmp_path), device=device, config_kwargs=jit)
+    pieces, entries = 3, 3
+    assert_counters(cold, num_graphs_seen=1, num_aot_compiles=0, num_inductor_compiles=pieces * entries,
+                    num_compiled_artifacts_saved=pieces * entries)
+    assert_counters(warm, num_graphs_seen=1, num_aot_compiles=0, num_aot_artifacts_loaded=0,
+                    num_inductor_compiles=0, num_backend_compilations=pieces * entries,
+                    num_compiled_artifacts_loaded=pieces * entries)
+    assert len(os.listdir(os.path.join(copy, "rank_0_0", "pieces"))) == pieces * entries
+    assert_matches_eager(cold, device)
+    assert_matches_eager(warm, device)
+
+
+EDITED_MODEL = """
+import bench
+
+SCALE = {scale}
+
+
+class ScaledDecoder(bench.Decoder):
+    def forward(self, input_ids):
+        return super().forward(input_ids) * SCALE
+"""
+
+
+def child_edited_model(root: str, module_dir: str, device: str) -> dict:
+    sys.path.insert(0, module_dir)
+    import edited_model
+    logs = record_logs()
+    torch.manual_seed(0)
+    model = edited_model.ScaledDecoder().to(device)
+    fn = vcompile.compile(model, CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root, **SMALL_CONFIG))
+    errors = max_error(fn, model, [9, 4], device)
+    with torch.no_grad():
+        first = fn(token_ids(5, device))[0, 0].item()
+    return {"counters": counter_values(), "errors": errors, "logs": logs.lines, "value": first}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_edited_model_source_recompiles_with_a_warning(device, tmp_path):
+    module_dir, root = tmp_path / "src", tmp_path / "cache"
+    module_dir.mkdir()
+    source = module_dir / "edited_model.py"
+    source.write_text(EDITED_MODEL.format(scale="1.0"))
+    env = {"PYTHONDONTWRITEBYTECODE": "1"}
+    args = dict(root=str(root), module_dir=str(module_dir), device=device, env=env)
+    cold = run_child("child_edited_model", **args)
+    source.write_text(EDITED_MODEL.format(scale="-2.0"))
+    edited = run_child("child_edited_model", **args)
+    again = run_child("child_edited_model", **args)
+    assert_counters(edited, num_aot_compiles=1, num_aot_artifacts_loaded=0)
+    warnings = [line for line in edited["logs"] if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "Compiling model again due to a load failure from" in warnings[0]
+    assert f"{source} changed since it was compiled" in warnings[0]
+    assert edited["value"] == pytest.approx(-2.0 * cold["value"], rel=1e-4)  # not the stale artifact
+    assert_counters(again, **WARM)
+    for result in (cold, edited, again):
+        assert_matches_eager(result, device)

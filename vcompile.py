@@ -50,6 +50,7 @@ from unittest.mock import patch
 
 import torch
 import torch._functorch._aot_autograd.autograd_cache as aot_autograd_cache
+import torch._inductor.codecache
 import torch.fx as fx
 from torch._dynamo.aot_compile import SerializableCallable
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
@@ -544,7 +545,15 @@ def artifact_bytes(artifact: AOTCompiledArtifact) -> bytes:
 
 def load_artifact(data: bytes) -> AOTCompiledArtifact:
     counters.num_compiled_artifacts_loaded += 1
-    return AOTCompiledArtifact.deserialize(data)
+    # On CPU, Inductor readies a precompiled C++ header (150 MB, kept in a
+    # global folder under /tmp, most of a minute of gcc on 2 cores when it is
+    # missing) before it even looks for a kernel's .so. A load finds every .so
+    # in the hash folder and builds nothing, so give it an empty header: a
+    # wiped /tmp costs nothing and nothing is written outside the folder. A
+    # kernel that must be rebuilt after all still builds, just without the
+    # speed-up. (The .so's key does not depend on the header's path.)
+    with patch.object(torch._inductor.codecache, "_precompile_header", lambda *args, **kwargs: os.devnull):
+        return AOTCompiledArtifact.deserialize(data)
 
 
 class CompilerManager:
