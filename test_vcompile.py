@@ -25,6 +25,11 @@ import bench
 import vcompile
 from vcompile import CompilationConfig, Range, counters
 
+# The suite starts many short processes, often several at once, on two cores;
+# Inductor's compile-worker pool would cost each one a second Python start.
+os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+torch._inductor.config.compile_threads = 1
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # fp32 everywhere. Inductor fuses and reorders reductions, so results differ
@@ -127,7 +132,8 @@ def record_logs() -> _Recorder:
 def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=SMALL_SIZES,
                   config_kwargs: dict | None = None, first_size: int = 9,
                   drop_field: str | None = None, pause_before_rename: str | None = None,
-                  rank: int | None = None, world: int = 1, store: str | None = None) -> dict:
+                  rank: int | None = None, world: int = 1, store: str | None = None,
+                  seed: str | None = None) -> dict:
     """Child body: compile the decoder, compare every size with eager, report.
 
     drop_field: save the way an older vcompile would have, one field short.
@@ -135,6 +141,7 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
     the save (the artifact written, not yet renamed into place) until killed;
     the file named here appears when the child gets there.
     rank, world, store: join a gloo process group first.
+    seed: a hash folder whose Inductor cache to start from (see seed_inductor_cache).
     """
     if rank is not None:
         torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -157,6 +164,7 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
     model = decoder(device, layers)
     cfg = CompilationConfig(**{"splitting_ops": bench.SPLITTING_OPS, "cache_dir": root,
                                **SMALL_CONFIG, **(config_kwargs or {})})
+    seed_inductor_cache(model, cfg, device, seed)
     fn = vcompile.compile(model, cfg)
     fn(token_ids(first_size, device))
     first = counter_values()
@@ -170,16 +178,38 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
 @pytest.fixture(scope="session")
 def cold_cache(tmp_path_factory):
     """One cold compile of the decoder per device, in a fresh root, run in a
-    child process. Tests that need a warm cache copy its hash folder."""
+    child process. Tests that need a warm cache copy its hash folder. Under
+    pytest-xdist the workers share it through a file lock."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's folder, common to the workers
     done = {}
 
     def get(device: str) -> dict:
         if device not in done:
-            root = tmp_path_factory.mktemp(f"cold-{device}")
-            done[device] = run_child("child_decoder", root=str(root), device=device)
+            record = shared / f"cold-{device}.json"
+            with FileLock(str(record) + ".lock"):
+                if not record.exists():
+                    root = shared / f"cold-{device}"
+                    record.write_text(json.dumps(run_child("child_decoder", root=str(root), device=device)))
+            done[device] = json.loads(record.read_text())
         return done[device]
 
     return get
+
+
+def seed_inductor_cache(model, cfg: CompilationConfig, device: str, seed: str | None) -> None:
+    """Copies a warm Inductor cache into the hash folder this compile will
+    use: its cold compile then hits Inductor's own cache instead of running
+    gcc again. vcompile's side (trace, counters, saved files) is unchanged."""
+    if seed is None:
+        return
+    factors = vcompile.cache_key_factors(model, cfg, False, {"input_ids": 0}, torch.device(device))
+    shutil.copytree(os.path.join(seed, "inductor_cache"),
+                    os.path.join(vcompile.cache_root(cfg), "torch_aot_compile", vcompile.cache_hash(factors),
+                                 "inductor_cache"), dirs_exist_ok=True)
 
 
 def copy_cache(hash_dir: str, root) -> str:
@@ -414,7 +444,7 @@ def test_damaged_artifacts_are_compiled_again_and_replaced(device, cold_cache, t
     reasons = {"truncated": "checksum mismatch", "zero-length": "empty, truncated or foreign",
                "flipped bytes": "checksum mismatch", "older format": "missing ['submod_names']"}
     recovered = run_children([("child_decoder", dict(root=str(roots[f]), device=device)) for f in faults])
-    warm = run_children([("child_decoder", dict(root=str(roots[f]), device=device)) for f in faults])
+    warm = run_child("child_warm_loads", roots=[str(roots[f]) for f in faults], device=device)
     for fault, again, after in zip(faults, recovered, warm):
         warnings = [line for line in again["logs"] if line.startswith("WARNING")]
         assert len(warnings) == 1, (fault, warnings)
@@ -424,6 +454,20 @@ def test_damaged_artifacts_are_compiled_again_and_replaced(device, cold_cache, t
         assert_matches_eager(again, device)
         assert_counters(after, **WARM)  # the recompile replaced the damaged file
         assert_matches_eager(after, device)
+
+
+def child_warm_loads(roots: list[str], device: str) -> list[dict]:
+    """Loads the decoder from each root in turn, in this one process."""
+    results = []
+    for root in roots:
+        before = counter_values()
+        model = decoder(device)
+        fn = vcompile.compile(model, CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root,
+                                                       **SMALL_CONFIG))
+        fn(token_ids(9, device))
+        results.append({"counters": {k: v - before[k] for k, v in counter_values().items()},
+                        "errors": max_error(fn, model, SMALL_SIZES, device)})
+    return results
 
 
 def child_forced_loads(roots: list[str], device: str) -> list[str]:
@@ -454,9 +498,11 @@ def test_forced_aot_load_raises_on_the_same_faults(device, cold_cache, tmp_path)
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_deleted_inductor_cache_loads_from_the_artifact_alone(device, cold_cache, tmp_path):
-    copy = cold_copy(cold_cache, device, tmp_path)
-    shutil.rmtree(os.path.join(copy, "inductor_cache"))
-    result = run_child("child_decoder", root=str(tmp_path), device=device)
+    # One layer, ranges only: on CPU every kernel is rebuilt, so keep them few.
+    small = dict(root=str(tmp_path), device=device, layers=1, config_kwargs={"compile_sizes": []})
+    cold = run_child("child_decoder", seed=cold_cache(device)["hash_dir"], **small)
+    shutil.rmtree(os.path.join(cold["hash_dir"], "inductor_cache"))
+    result = run_child("child_decoder", **small)
     # The artifact carries every kernel's source: Inductor rebuilds them (on
     # CPU with gcc, slowly) and no graph is compiled again.
     assert_counters(result, **WARM)
@@ -1036,10 +1082,11 @@ def _(q, k, v, num_heads, dtype, device):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def child_constant_model(root: str, device: str) -> dict:
+def child_constant_model(root: str, device: str, seed: str | None = None) -> dict:
     torch.manual_seed(0)
     model = ConstantAttentionDecoder().to(device)
     cfg = CompilationConfig(splitting_ops=["vcompile_test::attention_in"], cache_dir=root, **SMALL_CONFIG)
+    seed_inductor_cache(model, cfg, device, seed)
     fn = vcompile.compile(model, cfg)
     errors = max_error(fn, model, SMALL_SIZES, device)
     code = open(fn.cache.model_path + ".py").read()
@@ -1047,8 +1094,8 @@ def child_constant_model(root: str, device: str) -> dict:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_constants_in_the_attention_piece_survive_a_warm_load(device, tmp_path):
-    cold = run_child("child_constant_model", root=str(tmp_path), device=device)
+def test_constants_in_the_attention_piece_survive_a_warm_load(device, cold_cache, tmp_path):
+    cold = run_child("child_constant_model", root=str(tmp_path), device=device, seed=cold_cache(device)["hash_dir"])
     warm = run_child("child_constant_model", root=str(tmp_path), device=device)
     assert_counters(warm, **WARM)
     for result in (cold, warm):
@@ -1079,8 +1126,9 @@ def test_cache_size_does_not_grow_with_depth(device, cold_cache, tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_without_codegen_the_split_graph_is_pickled_and_deserialized(device, tmp_path):
-    cold = run_child("child_decoder", root=str(tmp_path), device=device, config_kwargs={"use_codegen": False})
+def test_without_codegen_the_split_graph_is_pickled_and_deserialized(device, cold_cache, tmp_path):
+    cold = run_child("child_decoder", root=str(tmp_path), device=device, config_kwargs={"use_codegen": False},
+                     seed=cold_cache(device)["hash_dir"])
     warm = run_child("child_decoder", root=str(tmp_path), device=device, config_kwargs={"use_codegen": False})
     assert_counters(cold, num_fx_graph_deserializations=0, num_aot_artifacts_saved=1)
     assert_counters(warm, **{**WARM, "num_fx_graph_deserializations": 1})
@@ -1188,13 +1236,15 @@ class ScaledDecoder(bench.Decoder):
 """
 
 
-def child_edited_model(root: str, module_dir: str, device: str) -> dict:
+def child_edited_model(root: str, module_dir: str, device: str, seed: str | None = None) -> dict:
     sys.path.insert(0, module_dir)
     import edited_model
     logs = record_logs()
     torch.manual_seed(0)
     model = edited_model.ScaledDecoder().to(device)
-    fn = vcompile.compile(model, CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root, **SMALL_CONFIG))
+    cfg = CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root, **SMALL_CONFIG)
+    seed_inductor_cache(model, cfg, device, seed)
+    fn = vcompile.compile(model, cfg)
     errors = max_error(fn, model, [9, 4], device)
     with torch.no_grad():
         first = fn(token_ids(5, device))[0, 0].item()
@@ -1202,14 +1252,14 @@ def child_edited_model(root: str, module_dir: str, device: str) -> dict:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_an_edited_model_source_recompiles_with_a_warning(device, tmp_path):
+def test_an_edited_model_source_recompiles_with_a_warning(device, cold_cache, tmp_path):
     module_dir, root = tmp_path / "src", tmp_path / "cache"
     module_dir.mkdir()
     source = module_dir / "edited_model.py"
     source.write_text(EDITED_MODEL.format(scale="1.0"))
     env = {"PYTHONDONTWRITEBYTECODE": "1"}
     args = dict(root=str(root), module_dir=str(module_dir), device=device, env=env)
-    cold = run_child("child_edited_model", **args)
+    cold = run_child("child_edited_model", seed=cold_cache(device)["hash_dir"], **args)
     source.write_text(EDITED_MODEL.format(scale="-2.0"))
     edited = run_child("child_edited_model", **args)
     again = run_child("child_edited_model", **args)
