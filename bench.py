@@ -1,9 +1,40 @@
 """bench.py: warm versus cold compile, vcompile against stock torch.compile and eager.
 
-The model here, a small decoder, is also what test_vcompile.py compiles.
+    python bench.py                       # depths 2, 8, 32 on the best device present
+    python bench.py --quick               # a first look: depths 2 and 8, fewer timed calls
+    python bench.py --json out.json --plot out.png
+
+Every case runs in a fresh Python process with its own empty caches where it
+is cold, so what it measures is what a new server process pays:
+
+  eager                     the model as written
+  stock cold / warm         torch.compile(fullgraph=True), token dim dynamic, with
+                            an empty then a filled TORCHINDUCTOR_CACHE_DIR
+  vcompile cold             vcompile.compile(...), empty cache root
+  vcompile warm             AOT load with codegen (the default)
+  vcompile warm no-codegen  AOT load of the pickled split graph (before vLLM PR 40151)
+  vcompile warm JIT         Dynamo traces, every piece is loaded from the cache
+
+For each: time to first output from process start (imports shown apart),
+and the steady-state time per forward (median of many calls, synchronized
+on GPU). The small decoder below is also what test_vcompile.py compiles.
 """
 
 from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +102,303 @@ class Decoder(nn.Module):
 
 
 SPLITTING_OPS = ["vcompile_bench::attention"]
+
+
+# --- the bench --------------------------------------------------------------
+
+MODEL = dict(hidden=256, heads=4, ffn=512, vocab=1024)
+# vLLM-like compile entries: one specialized size, two ranges.
+CONFIG = dict(compile_sizes=[8], compile_ranges_endpoints=[64], max_num_batched_tokens=256)
+FIRST_SIZE, STEADY_SIZE = 64, 128
+
+# Report order. A setup case runs before the case that needs it and is
+# reported too, but is not a headline.
+CASES = ["eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_warm", "vcompile_warm_parts",
+         "vcompile_cold_nocodegen", "vcompile_warm_nocodegen", "vcompile_cold_jit", "vcompile_warm_jit"]
+# The cheap cases run three times (fresh processes each; once with --quick),
+# reported by the run with the median first output: a process start varies by
+# a few tenths of a second.
+REPEATED = {"eager", "stock_warm", "vcompile_warm", "vcompile_warm_nocodegen", "vcompile_warm_jit"}
+LABELS = {
+    "eager": "eager", "stock_cold": "stock cold", "stock_warm": "stock warm",
+    "vcompile_cold": "vcompile cold", "vcompile_warm": "vcompile warm",
+    "vcompile_warm_parts": "  (warm, Inductor imported first)",
+    "vcompile_cold_nocodegen": "  (setup: cold, no codegen)", "vcompile_warm_nocodegen": "vcompile warm, no codegen",
+    "vcompile_cold_jit": "  (setup: cold, JIT)", "vcompile_warm_jit": "vcompile warm, JIT",
+}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict, iters: int, started: float) -> dict:
+    """One case, in its own process: first output, then steady state."""
+    uses_vcompile = case.startswith("vcompile")
+    if uses_vcompile:
+        import vcompile
+    imported = time.perf_counter()
+    result: dict = {"import_s": imported - started}
+    if case == "vcompile_warm_parts":
+        # What any process's first Inductor load pays, whoever compiled the
+        # artifact: every generated output module imports Inductor's compiler
+        # modules, and on CPU Inductor probes the vector ISA (test libraries
+        # built with gcc, dlopened in subprocesses). Done here, apart, the
+        # monitor then times vcompile's load alone.
+        t = time.perf_counter()
+        importlib.import_module("torch._inductor.select_algorithm")
+        result["inductor_import_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if device == "cpu":
+            torch._inductor.cpu_vec_isa.pick_vec_isa()
+        result["isa_probe_s"] = time.perf_counter() - t
+    torch.manual_seed(0)
+    model = Decoder(layers, **model_kwargs).to(device).eval()
+    ids = torch.randint(0, model_kwargs["vocab"], (FIRST_SIZE,), device=device)
+
+    if case == "eager":
+        fn = model
+    elif case.startswith("stock"):
+        torch._dynamo.mark_dynamic(ids, 0)
+        fn = torch.compile(model, fullgraph=True)
+    else:
+        cfg = vcompile.CompilationConfig(
+            splitting_ops=SPLITTING_OPS, cache_dir=cache, **CONFIG,
+            use_codegen=not case.endswith("nocodegen"), use_aot=not case.endswith("jit"))
+        fn = vcompile.compile(model, cfg)
+        loads = []  # seconds per unique artifact loaded: where a warm start goes
+        real_load = vcompile.load_artifact
+
+        def timed_load(data):
+            t = time.perf_counter()
+            artifact = real_load(data)
+            loads.append(time.perf_counter() - t)
+            return artifact
+
+        vcompile.load_artifact = timed_load
+
+    with torch.no_grad():
+        called = time.perf_counter()
+        out = fn(ids)
+        _sync(device)
+        first = time.perf_counter()
+        result.update(first_output_s=first - started, first_call_s=first - called)
+        if uses_vcompile:
+            result.update(monitor_s=cfg.compilation_time, artifact_loads_s=sum(loads),
+                          counters=dataclasses.asdict(vcompile.counters))
+            if cfg.use_aot:  # the AOT first call is the load, then the first run
+                result["first_run_s"] = result["first_call_s"] - cfg.compilation_time
+        result["max_error"] = (out.float() - model(ids).float()).abs().max().item()
+
+        ids = torch.randint(0, model_kwargs["vocab"], (STEADY_SIZE,), device=device)
+        for _ in range(3):
+            fn(ids)
+        times = []
+        for _ in range(iters):
+            _sync(device)
+            t = time.perf_counter()
+            fn(ids)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+    result["steady_ms"] = 1000 * statistics.median(times)
+    return result
+
+
+# A case's process starts the clock before `import torch`, so imports count.
+_CHILD = ("import time, sys; t0 = time.perf_counter(); import json; "
+          "args = json.loads(sys.argv[1]); import bench; "
+          "print('\\n' + json.dumps(bench.run_case(started=t0, **args)))")
+
+
+def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, iters: int,
+          repeats: int = 1) -> dict:
+    runs = sorted((spawn_once(case, layers, device, dirs, model_kwargs, iters)
+                   for _ in range(repeats if case in REPEATED else 1)), key=lambda r: r["first_output_s"])
+    result = runs[len(runs) // 2]
+    result["first_output_runs_s"] = [r["first_output_s"] for r in runs]
+    return result
+
+
+def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, iters: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    env.pop("TRITON_CACHE_DIR", None)
+    cache = dirs["vcompile_nocodegen"] if "nocodegen" in case else dirs["vcompile"]
+    if case.startswith("stock"):
+        env["TORCHINDUCTOR_CACHE_DIR"] = dirs["stock"]
+    elif case == "vcompile_warm_parts":  # Inductor's first-load work, in the folder the load will use
+        import glob
+
+        env["TORCHINDUCTOR_CACHE_DIR"] = glob.glob(os.path.join(cache, "torch_aot_compile", "*", "inductor_cache"))[0]
+    else:  # vcompile sets its own; eager compiles nothing
+        env["TORCHINDUCTOR_CACHE_DIR"] = dirs["scratch"]
+    args = dict(case=case, layers=layers, device=device, cache=cache, model_kwargs=model_kwargs, iters=iters)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], env=env,
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench case {case} at {layers} layers failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def ratios(results: dict, depths: list[int]) -> dict:
+    """The numbers the targets are about; every one is computed in this run."""
+    def overhead(layers, case):  # what compiling or loading adds to the first output
+        return results[layers][case]["first_output_s"] - results[layers]["eager"]["first_output_s"]
+
+    lo, hi = min(depths), max(depths)
+    out: dict = {"per_depth": {}}
+    for layers in depths:
+        r = results[layers]
+        out["per_depth"][layers] = {
+            "stock_warm_over_cold": r["stock_warm"]["first_output_s"] / r["stock_cold"]["first_output_s"],
+            "vcompile_warm_over_cold": r["vcompile_warm"]["first_output_s"] / r["vcompile_cold"]["first_output_s"],
+            "vcompile_warm_monitor_s": r["vcompile_warm"]["monitor_s"],
+            "vcompile_warm_load_alone_s": r["vcompile_warm_parts"]["monitor_s"],
+            "stock_warm_overhead_s": overhead(layers, "stock_warm"),
+            "vcompile_warm_overhead_s": overhead(layers, "vcompile_warm"),
+            "warm_overhead_stock_over_vcompile": overhead(layers, "stock_warm") / overhead(layers, "vcompile_warm"),
+            "vcompile_cold_over_stock_cold": overhead(layers, "vcompile_cold") / overhead(layers, "stock_cold"),
+            "steady_vcompile_over_stock": r["vcompile_warm"]["steady_ms"] / r["stock_warm"]["steady_ms"],
+            "nocodegen_minus_codegen_warm_monitor_s": r["vcompile_warm_nocodegen"]["monitor_s"]
+            - r["vcompile_warm"]["monitor_s"],
+        }
+    if hi != lo:
+        out["stock_cold_growth"] = overhead(hi, "stock_cold") / overhead(lo, "stock_cold")
+        out["vcompile_cold_growth"] = overhead(hi, "vcompile_cold") / overhead(lo, "vcompile_cold")
+        out["vcompile_cold_monitor_growth"] = (results[hi]["vcompile_cold"]["monitor_s"]
+                                               / results[lo]["vcompile_cold"]["monitor_s"])
+        out["vcompile_warm_monitor_growth"] = (results[hi]["vcompile_warm"]["monitor_s"]
+                                               / results[lo]["vcompile_warm"]["monitor_s"])
+        out["vcompile_warm_load_alone_growth"] = (results[hi]["vcompile_warm_parts"]["monitor_s"]
+                                                  / results[lo]["vcompile_warm_parts"]["monitor_s"])
+    return out
+
+
+def table(results: dict, depths: list[int], summary: dict) -> str:
+    lines = []
+    for layers in depths:
+        lines.append(f"\n{layers} layers")
+        lines.append(f"  {'case':28} {'first output':>12} {'import':>8} {'overhead':>9} {'monitor':>8} {'steady':>10}")
+        eager = results[layers]["eager"]["first_output_s"]
+        for case in CASES:
+            r = results[layers][case]
+            monitor = f"{r['monitor_s']:7.2f}s" if "monitor_s" in r else f"{'':8}"
+            lines.append(f"  {LABELS[case]:28} {r['first_output_s']:11.2f}s {r['import_s']:7.2f}s "
+                         f"{r['first_output_s'] - eager:8.2f}s {monitor} {r['steady_ms']:8.2f}ms")
+        d = summary["per_depth"][layers]
+        warm, parts = results[layers]["vcompile_warm"], results[layers]["vcompile_warm_parts"]
+        lines.append(f"  where vcompile's warm start goes: import {warm['import_s']:.2f}s (torch, and torch._dynamo "
+                     f"for the AOT loader), then the monitor's {warm['monitor_s']:.2f}s = Inductor's first-load "
+                     f"costs (its compiler modules {parts['inductor_import_s']:.2f}s, CPU ISA probe "
+                     f"{parts['isa_probe_s']:.2f}s) + the load itself {parts['monitor_s']:.2f}s "
+                     f"({warm['counters']['num_compiled_artifacts_loaded']} unique artifacts), then the first run "
+                     f"{warm['first_run_s']:.2f}s")
+        lines.append(f"  warm/cold first output: stock {d['stock_warm_over_cold']:.2f}, vcompile "
+                     f"{d['vcompile_warm_over_cold']:.2f}; warm overhead stock/vcompile "
+                     f"{d['warm_overhead_stock_over_vcompile']:.1f}x; cold vcompile/stock "
+                     f"{d['vcompile_cold_over_stock_cold']:.2f}; steady vcompile/stock "
+                     f"{d['steady_vcompile_over_stock']:.3f}; no-codegen warm costs "
+                     f"{d['nocodegen_minus_codegen_warm_monitor_s'] * 1000:+.0f} ms")
+    if "stock_cold_growth" in summary:
+        lines.append(f"\ncold growth {min(depths)} -> {max(depths)} layers (overhead): stock "
+                     f"{summary['stock_cold_growth']:.2f}x, vcompile {summary['vcompile_cold_growth']:.2f}x "
+                     f"(monitor {summary['vcompile_cold_monitor_growth']:.2f}x); vcompile warm monitor "
+                     f"{summary['vcompile_warm_monitor_growth']:.2f}x, its load alone "
+                     f"{summary['vcompile_warm_load_alone_growth']:.2f}x")
+    return "\n".join(lines)
+
+
+def plot(results: dict, depths: list[int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in CASES if not LABELS[c].startswith(" ")]  # headline cases only
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(cases)
+    for i, case in enumerate(cases):
+        xs = [d + (i - len(cases) / 2) * width for d in range(len(depths))]
+        eager = [results[d]["eager"]["first_output_s"] for d in depths]
+        axes[0].bar(xs, [results[d][case]["first_output_s"] - e for d, e in zip(depths, eager)], width,
+                    label=LABELS[case].strip())
+        axes[1].bar(xs, [results[d][case]["steady_ms"] for d in depths], width, label=LABELS[case].strip())
+    for ax, title in zip(axes, ["first output minus eager's (s)", "steady state per forward (ms)"]):
+        ax.set_xticks(range(len(depths)), [f"{d} layers" for d in depths])
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, nargs="+", help="depths to run (default 2 8 32; --quick: 2 8)")
+    parser.add_argument("--quick", action="store_true", help="a reduced sweep for a first look")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hidden", type=int, default=MODEL["hidden"], help="model width (default %(default)s)")
+    parser.add_argument("--json", metavar="PATH", help="write every number, with device, torch version and date")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG (needs matplotlib)")
+    parser.add_argument("--keep", metavar="DIR", help="keep the caches in DIR instead of a temporary folder")
+    args = parser.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+    depths = args.layers or ([2, 8] if args.quick else [2, 8, 32])
+    iters = 5 if args.quick else 30
+    model_kwargs = {**MODEL, "hidden": args.hidden}
+    import vcompile
+
+    device_name = vcompile.device_description(torch.device(args.device))
+    print(f"bench: {args.device} ({device_name}), torch {torch.__version__}, layers {depths}, "
+          f"first output at {FIRST_SIZE} tokens, steady state at {STEADY_SIZE} tokens x {iters} calls", flush=True)
+
+    base = args.keep or tempfile.mkdtemp(prefix="vcompile-bench-")
+    results: dict = {}
+    try:
+        if args.device == "cpu":
+            # Inductor builds a precompiled C++ header once per machine, in a
+            # global folder outside every cache: build it before timing, so the
+            # first cold case does not pay for all the others.
+            dirs = {name: os.path.join(base, "warmup", name) for name in ("stock", "vcompile", "vcompile_nocodegen", "scratch")}
+            spawn("stock_cold", 1, args.device, dirs, model_kwargs, 1)
+        for layers in depths:
+            dirs = {name: os.path.join(base, f"{layers}-layers", name)
+                    for name in ("stock", "vcompile", "vcompile_nocodegen", "scratch")}
+            for path in dirs.values():
+                shutil.rmtree(path, ignore_errors=True)
+                os.makedirs(path)
+            results[layers] = {}
+            for case in CASES:
+                r = spawn(case, layers, args.device, dirs, model_kwargs, iters, repeats=1 if args.quick else 3)
+                results[layers][case] = r
+                monitor = f", monitor {r['monitor_s']:.2f} s" if "monitor_s" in r else ""
+                print(f"  {layers:>3} layers  {LABELS[case].strip():28} first output {r['first_output_s']:7.2f} s "
+                      f"(import {r['import_s']:.2f} s{monitor}), steady {r['steady_ms']:.2f} ms", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+    summary = ratios(results, depths)
+    print(table(results, depths, summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__,
+                       "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+                       "model": model_kwargs, "config": CONFIG, "first_size": FIRST_SIZE,
+                       "steady_size": STEADY_SIZE, "steady_calls": iters,
+                       "results": results, "ratios": summary}, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, depths, args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

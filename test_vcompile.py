@@ -1271,3 +1271,34 @@ def test_an_edited_model_source_recompiles_with_a_warning(device, cold_cache, tm
     assert_counters(again, **WARM)
     for result in (cold, edited, again):
         assert_matches_eager(result, device)
+
+
+# --- bench.py ---------------------------------------------------------------
+
+
+def test_bench_quick_run_reports_every_case(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--layers", "2", "--hidden", "64", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert {"device", "device_name", "torch", "date"} <= set(report)
+    results = report["results"]["2"]
+    assert set(results) == set(bench.CASES)
+    for case, result in results.items():
+        assert result["first_output_s"] > result["import_s"] > 0 and result["steady_ms"] > 0, case
+        assert result["max_error"] <= 1e-3, case  # every case computed the decoder
+    assert results["vcompile_warm"]["counters"]["num_aot_artifacts_loaded"] == 1
+    assert results["vcompile_warm"]["counters"]["num_inductor_compiles"] == 0
+    assert results["vcompile_warm_nocodegen"]["counters"]["num_fx_graph_deserializations"] == 1
+    assert results["vcompile_warm_jit"]["counters"]["num_inductor_compiles"] == 0
+    assert set(report["ratios"]["per_depth"]["2"]) >= {"warm_overhead_stock_over_vcompile", "steady_vcompile_over_stock"}
+    assert "warm start goes" in proc.stdout  # the table
+
+
+def test_bench_plot_without_matplotlib_says_so(tmp_path):
+    # sys.modules[name] = None makes the import fail, installed or not.
+    code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
+            f"sys.argv = ['bench.py', '--plot', {str(tmp_path / 'x.png')!r}]; runpy.run_path('bench.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--plot needs matplotlib, which is not installed" in proc.stderr

@@ -565,6 +565,7 @@ class CompilerManager:
         self.seconds: dict[Range, float] = defaultdict(float)  # compile time per entry, all pieces
         self.pieces_dir = pieces_dir  # JIT mode: artifacts on disk, keyed like the in-memory cache
         self.bad_files: set[str] = set()
+        self.loaded: dict[bytes, AOTCompiledArtifact] = {}  # file content hash -> artifact: load each once
 
     def compile(self, graph: fx.GraphModule, example_inputs: list, entry: Range,
                 piece_index: int, num_pieces: int) -> AOTCompiledArtifact:
@@ -621,7 +622,10 @@ class CompilerManager:
         path = self._piece_path(key)
         try:
             data = read_artifact(path)
-            artifact = load_artifact(data)
+            # The ranges of one piece compile to identical bytes: load those once.
+            digest = hashlib.sha256(data).digest()
+            artifact = self.loaded.get(digest) or load_artifact(data)
+            self.loaded[digest] = artifact
         except Exception as e:
             logger.warning("Compiling model again due to a load failure from %s, reason: %s", path, e)
             self.bad_files.add(path)
