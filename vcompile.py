@@ -61,6 +61,10 @@ from torch.fx.passes.split_module import split_module
 
 # =============================================================================
 # 1. Config, ranges, counters, logging
+#
+# What to compile and for which token counts (the splitting ops, the ranges,
+# the single sizes), where to cache it, and the counters through which tests
+# see what happened: compiles, cache hits, loads, saves.
 # =============================================================================
 
 logger = logging.getLogger("vcompile")  # the library logs; it never prints
@@ -347,20 +351,23 @@ MAGIC = b"VCOMPILE"
 _HEADER = len(MAGIC) + 4 + 32
 
 
-def write_artifact(path: str, payload: bytes) -> None:
+def write_atomically(path: str, data: bytes) -> None:
     """Temporary file in the same folder, then os.replace: a reader, or a
     process killed mid-write, sees the old file or the new one, never half."""
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(MAGIC + FORMAT_VERSION.to_bytes(4, "little") + hashlib.sha256(payload).digest())
-            f.write(payload)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def write_artifact(path: str, payload: bytes) -> None:
+    write_atomically(path, MAGIC + FORMAT_VERSION.to_bytes(4, "little") + hashlib.sha256(payload).digest() + payload)
 
 
 def read_artifact(path: str) -> bytes:
@@ -428,10 +435,13 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 # =============================================================================
 # 5. Compile entries and concrete arguments (vLLM PR 35472)
 #
-# A piece is compiled once per range, with the symbolic shapes Dynamo traced,
-# and once per compile size, specialized to that size. The single-size
-# arguments are built from the graph's own fake arguments by substituting the
-# size for every symbol, in a fresh ShapeEnv, so Inductor sees plain ints.
+# Before PR 35472 pieces compiled lazily, on the first call that reached a
+# range, with whatever inputs that call had. Now every piece is compiled up
+# front for every entry, so the arguments come from the graph itself: once per
+# range with the symbolic shapes Dynamo traced, and once per compile size with
+# concrete fake tensors, the size in place of every dimension symbol, in a
+# fresh ShapeEnv (empty_strided, storage offset kept), so Inductor
+# specializes to that size.
 # =============================================================================
 
 
@@ -624,8 +634,9 @@ class CompilerManager:
             data = read_artifact(path)
             # The ranges of one piece compile to identical bytes: load those once.
             digest = hashlib.sha256(data).digest()
-            artifact = self.loaded.get(digest) or load_artifact(data)
-            self.loaded[digest] = artifact
+            if digest not in self.loaded:
+                self.loaded[digest] = load_artifact(data)
+            artifact = self.loaded[digest]
         except Exception as e:
             logger.warning("Compiling model again due to a load failure from %s, reason: %s", path, e)
             self.bad_files.add(path)
@@ -958,6 +969,8 @@ def compile(model: torch.nn.Module, config: CompilationConfig, *,
 
 
 class CompiledModel:
+    """What compile() returns: call it as you would call the model."""
+
     def __init__(self, model: torch.nn.Module, config: CompilationConfig,
                  dynamic_arg_dims: dict[str, int] | None, is_encoder: bool):
         self.model, self.config, self.is_encoder = model, config, is_encoder
@@ -1067,9 +1080,7 @@ class CompiledModel:
                     os.unlink(tmp)
             write_artifact(path, payload)
             if self.compiled_fn.state["code"] is not None:  # for people to read; never loaded
-                with open(f"{path}.{os.getpid()}.py.tmp", "w") as f:
-                    f.write(self.compiled_fn.state["code"])
-                os.replace(f"{path}.{os.getpid()}.py.tmp", f"{path}.py")
+                write_atomically(f"{path}.py", self.compiled_fn.state["code"].encode())
         except OSError as e:
             logger.warning("vcompile: could not save the compiled model to %s: %s", path, e)
             return
