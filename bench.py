@@ -116,8 +116,8 @@ FIRST_SIZE, STEADY_SIZE = 64, 128
 CASES = ["eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_warm", "vcompile_warm_parts",
          "vcompile_cold_nocodegen", "vcompile_warm_nocodegen", "vcompile_cold_jit", "vcompile_warm_jit"]
 # The cheap cases run three times (fresh processes each; once with --quick),
-# reported by the run with the median first output: a process start varies by
-# a few tenths of a second.
+# and each number is the median of the three: on a shared machine a process
+# start varies by tenths of a second, and its speed by several percent.
 REPEATED = {"eager", "stock_warm", "vcompile_warm", "vcompile_warm_nocodegen", "vcompile_warm_jit"}
 LABELS = {
     "eager": "eager", "stock_cold": "stock cold", "stock_warm": "stock warm",
@@ -213,10 +213,16 @@ _CHILD = ("import time, sys; t0 = time.perf_counter(); import json; "
 
 def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, iters: int,
           repeats: int = 1) -> dict:
-    runs = sorted((spawn_once(case, layers, device, dirs, model_kwargs, iters)
-                   for _ in range(repeats if case in REPEATED else 1)), key=lambda r: r["first_output_s"])
-    result = runs[len(runs) // 2]
+    """Runs a case (the cheap ones several times) and reports each number's
+    median over the runs; the JSON keeps every run's first output and steady state."""
+    runs = [spawn_once(case, layers, device, dirs, model_kwargs, iters)
+            for _ in range(repeats if case in REPEATED else 1)]
+    result = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            result[key] = statistics.median(r[key] for r in runs)
     result["first_output_runs_s"] = [r["first_output_s"] for r in runs]
+    result["steady_runs_ms"] = [r["steady_ms"] for r in runs]
     return result
 
 
