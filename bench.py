@@ -221,7 +221,7 @@ def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, i
     runs = []
     for _ in range(repeats if case in REPEATED else 1):
         if case in EMPTIED:
-            shutil.rmtree(dirs[EMPTIED[case]])
+            shutil.rmtree(dirs[EMPTIED[case]], ignore_errors=True)
             os.makedirs(dirs[EMPTIED[case]])
         runs.append(spawn_once(case, layers, device, dirs, model_kwargs, iters))
     result = dict(runs[0])
