@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import glob
 import importlib
 import json
 import os
@@ -214,6 +215,15 @@ _CHILD = ("import time, sys; t0 = time.perf_counter(); import json; "
           "print('\\n' + json.dumps(bench.run_case(started=t0, **args)))")
 
 
+def case_dirs(parent: str) -> dict:
+    """Empty cache folders for one depth's cases, under `parent`."""
+    dirs = {name: os.path.join(parent, name) for name in ("stock", "vcompile", "vcompile_nocodegen", "scratch")}
+    for path in dirs.values():
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+    return dirs
+
+
 def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, iters: int,
           repeats: int = 1) -> dict:
     """Runs a case (the cheap ones several times) and reports each number's
@@ -240,8 +250,6 @@ def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: di
     if case.startswith("stock"):
         env["TORCHINDUCTOR_CACHE_DIR"] = dirs["stock"]
     elif case == "vcompile_warm_parts":  # Inductor's first-load work, in the folder the load will use
-        import glob
-
         env["TORCHINDUCTOR_CACHE_DIR"] = glob.glob(os.path.join(cache, "torch_aot_compile", "*", "inductor_cache"))[0]
     else:  # vcompile sets its own; eager compiles nothing
         env["TORCHINDUCTOR_CACHE_DIR"] = dirs["scratch"]
@@ -379,14 +387,9 @@ def main(argv=None) -> None:
             # Inductor builds a precompiled C++ header once per machine, in a
             # global folder outside every cache: build it before timing, so the
             # first cold case does not pay for all the others.
-            dirs = {name: os.path.join(base, "warmup", name) for name in ("stock", "vcompile", "vcompile_nocodegen", "scratch")}
-            spawn("stock_cold", 1, args.device, dirs, model_kwargs, 1)
+            spawn("stock_cold", 1, args.device, case_dirs(os.path.join(base, "warmup")), model_kwargs, 1)
         for layers in depths:
-            dirs = {name: os.path.join(base, f"{layers}-layers", name)
-                    for name in ("stock", "vcompile", "vcompile_nocodegen", "scratch")}
-            for path in dirs.values():
-                shutil.rmtree(path, ignore_errors=True)
-                os.makedirs(path)
+            dirs = case_dirs(os.path.join(base, f"{layers}-layers"))
             results[layers] = {}
             for case in CASES:
                 r = spawn(case, layers, args.device, dirs, model_kwargs, iters, repeats=1 if args.quick else 3)

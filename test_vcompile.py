@@ -9,13 +9,16 @@ run_child(), which calls a function of this file and returns its JSON.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 import operator
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -147,9 +150,8 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
         torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     if drop_field is not None:
         vcompile.VcompileFunction.serialize_compile_artifacts = classmethod(
-            lambda cls, fn: __import__("pickle").dumps({k: v for k, v in fn.state.items() if k != drop_field}))
+            lambda cls, fn: pickle.dumps({k: v for k, v in fn.state.items() if k != drop_field}))
     if pause_before_rename is not None:
-        import time
         vcompile.CompiledModel._load = lambda self: None
         real_replace = os.replace
 
@@ -200,15 +202,20 @@ def cold_cache(tmp_path_factory):
     return get
 
 
+def hash_of(model, cfg, device="cpu", is_encoder=False, dims=None) -> str:
+    """The hash folder name vcompile would pick for this model and config."""
+    factors = vcompile.cache_key_factors(model, cfg, is_encoder, dims or {"input_ids": 0}, torch.device(device))
+    return vcompile.cache_hash(factors)
+
+
 def seed_inductor_cache(model, cfg: CompilationConfig, device: str, seed: str | None) -> None:
     """Copies a warm Inductor cache into the hash folder this compile will
     use: its cold compile then hits Inductor's own cache instead of running
     gcc again. vcompile's side (trace, counters, saved files) is unchanged."""
     if seed is None:
         return
-    factors = vcompile.cache_key_factors(model, cfg, False, {"input_ids": 0}, torch.device(device))
     shutil.copytree(os.path.join(seed, "inductor_cache"),
-                    os.path.join(vcompile.cache_root(cfg), "torch_aot_compile", vcompile.cache_hash(factors),
+                    os.path.join(vcompile.cache_root(cfg), "torch_aot_compile", hash_of(model, cfg, device),
                                  "inductor_cache"), dirs_exist_ok=True)
 
 
@@ -511,7 +518,6 @@ def test_a_deleted_inductor_cache_loads_from_the_artifact_alone(device, cold_cac
 
 
 def wait_for(path: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    import time
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if proc.poll() is not None:
@@ -563,8 +569,6 @@ def test_processes_compiling_into_one_root_at_once_all_succeed(device, cold_cach
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_two_ranks_share_a_hash_folder_and_each_starts_warm(device, cold_cache, tmp_path):
-    if device == "cuda" and torch.cuda.device_count() < 1:
-        pytest.fail("no GPU")
     copy = cold_copy(cold_cache, device, tmp_path, keep_model=False)
     rounds = []
     for name in ("cold", "warm"):
@@ -627,13 +631,7 @@ def test_a_disabled_cache_reads_and_writes_nothing(device, how, cold_cache, tmp_
     assert fn.cache is None and snapshot(tmp_path) == before
 
 
-def hash_of(model, cfg, device="cpu", is_encoder=False, dims=None) -> str:
-    factors = vcompile.cache_key_factors(model, cfg, is_encoder, dims or {"input_ids": 0}, torch.device(device))
-    return vcompile.cache_hash(factors)
-
-
 def test_cache_hash_changes_with_what_changes_the_code(monkeypatch):
-    import dataclasses
     cfg = config(**SMALL_CONFIG)
     base = hash_of(decoder("cpu"), cfg)
     other_weights = decoder("cpu")
@@ -1138,7 +1136,6 @@ def test_without_codegen_the_split_graph_is_pickled_and_deserialized(device, col
 
 
 def test_saved_state_from_another_version_is_refused():
-    import pickle
     state = {"format": vcompile.FORMAT_VERSION, "entries": [], "pieces": {}, "blobs": {}}  # fields missing
     with pytest.raises(ValueError, match="missing.*code"):
         vcompile.VcompileFunction.deserialize_compile_artifacts(pickle.dumps(state))
