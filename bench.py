@@ -105,6 +105,59 @@ class Decoder(nn.Module):
 SPLITTING_OPS = ["vcompile_bench::attention"]
 
 
+# --- a Hugging Face model, compiled as vLLM compiles it -------------------------
+# transformers looks a model's attention up by name in AttentionInterface.
+# Registered under "vcompile", attention becomes a call of the custom op below,
+# the splitting op: everything between two attention calls compiles.
+
+
+@torch.library.custom_op("vcompile_hf::attention", mutates_args=())
+def hf_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention on (batch, heads, tokens, head_dim); k and v may have fewer heads."""
+    # contiguous, as the fake below says: the compiled piece after it is built for those strides.
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).contiguous()
+
+
+@hf_attention_op.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface's signature. Whole causal sequences only: no padding
+    mask, no key/value cache (the op is causal by itself)."""
+    out = torch.ops.vcompile_hf.attention(query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None  # transformers wants (batch, tokens, heads, head_dim)
+
+
+HF_SPLITTING_OPS = ["vcompile_hf::attention"]
+HF_MODELS = {"llama": ("LlamaConfig", "LlamaModel", {}),
+             "qwen2": ("Qwen2Config", "Qwen2Model", {"use_sliding_window": False}),
+             "mistral": ("MistralConfig", "MistralModel", {"sliding_window": None})}
+
+
+def hf_model(name: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128,
+             vocab: int = 256) -> nn.Module:
+    """A small Hugging Face decoder with random weights, built from its config
+    (nothing downloaded). Input ids (1, tokens); output a ModelOutput."""
+    import transformers
+    from transformers.masking_utils import AttentionMaskInterface
+
+    transformers.AttentionInterface.register("vcompile", hf_attention)
+    AttentionMaskInterface.register("vcompile", lambda *args, **kwargs: None)  # no mask tensor to build
+    config_name, model_name, extra = HF_MODELS[name]
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
+        use_cache=False, attn_implementation="vcompile", **extra)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def hidden_states(out) -> torch.Tensor:
+    """The hidden states, whether a model returns a tensor or a ModelOutput."""
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
 # --- the bench --------------------------------------------------------------
 
 MODEL = dict(hidden=256, heads=4, ffn=512, vocab=1024)
@@ -137,7 +190,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict, iters: int, started: float) -> dict:
+def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict, iters: int, started: float,
+             model_name: str = "decoder") -> dict:
     """One case, in its own process: first output, then steady state."""
     uses_vcompile = case.startswith("vcompile")
     if uses_vcompile:
@@ -158,19 +212,33 @@ def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict
             torch._inductor.cpu_vec_isa.pick_vec_isa()
         result["isa_probe_s"] = time.perf_counter() - t
     torch.manual_seed(0)
-    model = Decoder(layers, **model_kwargs).to(device).eval()
-    ids = torch.randint(0, model_kwargs["vocab"], (FIRST_SIZE,), device=device)
+    hf = model_name.startswith("hf-")
+    model = (hf_model(model_name[3:], layers, **model_kwargs) if hf else Decoder(layers, **model_kwargs)).to(device).eval()
+    token_dim = 1 if hf else 0  # Hugging Face models take (batch, tokens)
 
+    def token_ids(size):
+        ids = torch.randint(0, model_kwargs["vocab"], (size,), device=device)
+        return ids[None] if hf else ids
+
+    ids = token_ids(FIRST_SIZE)
     if case == "eager":
         fn = model
     elif case.startswith("stock"):
-        torch._dynamo.mark_dynamic(ids, 0)
+        torch._dynamo.mark_dynamic(ids, token_dim)
         fn = torch.compile(model, fullgraph=True)
     else:
         cfg = vcompile.CompilationConfig(
-            splitting_ops=SPLITTING_OPS, cache_dir=cache, **CONFIG,
+            splitting_ops=HF_SPLITTING_OPS if hf else SPLITTING_OPS, cache_dir=cache, **CONFIG,
             use_codegen=not case.endswith("nocodegen"), use_aot=not case.endswith("jit"))
-        fn = vcompile.compile(model, cfg)
+        fn = vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": token_dim})
+        probes = []  # CPU vector-ISA probes run in this process (each builds and loads a test library)
+        real_probe = torch._inductor.cpu_vec_isa.VecISA.check_build
+
+        def counted_probe(isa, code):
+            probes.append(str(isa))
+            return real_probe(isa, code)
+
+        torch._inductor.cpu_vec_isa.VecISA.check_build = counted_probe
         loads = []  # seconds per unique artifact loaded: where a warm start goes
         real_load = vcompile.load_artifact
 
@@ -189,13 +257,13 @@ def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict
         first = time.perf_counter()
         result.update(first_output_s=first - started, first_call_s=first - called)
         if uses_vcompile:
-            result.update(monitor_s=cfg.compilation_time, artifact_loads_s=sum(loads),
+            result.update(monitor_s=cfg.compilation_time, artifact_loads_s=sum(loads), isa_probes=len(probes),
                           counters=dataclasses.asdict(vcompile.counters))
             if cfg.use_aot:  # the AOT first call is the load, then the first run
                 result["first_run_s"] = result["first_call_s"] - cfg.compilation_time
-        result["max_error"] = (out.float() - model(ids).float()).abs().max().item()
+        result["max_error"] = (hidden_states(out).float() - hidden_states(model(ids)).float()).abs().max().item()
 
-        ids = torch.randint(0, model_kwargs["vocab"], (STEADY_SIZE,), device=device)
+        ids = token_ids(STEADY_SIZE)
         for _ in range(3):
             fn(ids)
         times = []
@@ -225,7 +293,7 @@ def case_dirs(parent: str) -> dict:
 
 
 def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, iters: int,
-          repeats: int = 1) -> dict:
+          repeats: int = 1, model_name: str = "decoder") -> dict:
     """Runs a case (the cheap ones several times) and reports each number's
     median over the runs; the JSON keeps every run's first output and steady state."""
     runs = []
@@ -233,7 +301,7 @@ def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, i
         if case in EMPTIED:
             shutil.rmtree(dirs[EMPTIED[case]], ignore_errors=True)
             os.makedirs(dirs[EMPTIED[case]])
-        runs.append(spawn_once(case, layers, device, dirs, model_kwargs, iters))
+        runs.append(spawn_once(case, layers, device, dirs, model_kwargs, iters, model_name))
     result = dict(runs[0])
     for key, value in runs[0].items():
         if isinstance(value, float):
@@ -243,7 +311,8 @@ def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, i
     return result
 
 
-def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, iters: int) -> dict:
+def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, iters: int,
+               model_name: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
     env.pop("TRITON_CACHE_DIR", None)
     cache = dirs["vcompile_nocodegen"] if "nocodegen" in case else dirs["vcompile"]
@@ -253,7 +322,8 @@ def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: di
         env["TORCHINDUCTOR_CACHE_DIR"] = glob.glob(os.path.join(cache, "torch_aot_compile", "*", "inductor_cache"))[0]
     else:  # vcompile sets its own; eager compiles nothing
         env["TORCHINDUCTOR_CACHE_DIR"] = dirs["scratch"]
-    args = dict(case=case, layers=layers, device=device, cache=cache, model_kwargs=model_kwargs, iters=iters)
+    args = dict(case=case, layers=layers, device=device, cache=cache, model_kwargs=model_kwargs, iters=iters,
+                model_name=model_name)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], env=env,
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -313,8 +383,9 @@ def table(results: dict, depths: list[int], summary: dict) -> str:
         warm, parts = results[layers]["vcompile_warm"], results[layers]["vcompile_warm_parts"]
         lines.append(f"  where vcompile's warm start goes: import {warm['import_s']:.2f}s (torch, and torch._dynamo "
                      f"for the AOT loader), then the monitor's {warm['monitor_s']:.2f}s = Inductor's first-load "
-                     f"costs (its compiler modules {parts['inductor_import_s']:.2f}s, CPU ISA probe "
-                     f"{parts['isa_probe_s']:.2f}s) + the load itself {parts['monitor_s']:.2f}s "
+                     f"costs (its compiler modules {parts['inductor_import_s']:.2f}s; the CPU ISA probe, "
+                     f"{parts['isa_probe_s']:.2f}s where it runs, ran {warm['isa_probes']} times) + the load "
+                     f"itself {parts['monitor_s']:.2f}s "
                      f"({warm['counters']['num_compiled_artifacts_loaded']} unique artifacts), then the first run "
                      f"{warm['first_run_s']:.2f}s")
         lines.append(f"  warm/cold first output: stock {d['stock_warm_over_cold']:.2f}, vcompile "
@@ -362,6 +433,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a reduced sweep for a first look")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--hidden", type=int, default=MODEL["hidden"], help="model width (default %(default)s)")
+    parser.add_argument("--model", default="decoder", choices=["decoder", *(f"hf-{n}" for n in HF_MODELS)],
+                        help="bench.Decoder, or a Hugging Face decoder of the same size (needs transformers)")
     parser.add_argument("--json", metavar="PATH", help="write every number, with device, torch version and date")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG (needs matplotlib)")
     parser.add_argument("--keep", metavar="DIR", help="keep the caches in DIR instead of a temporary folder")
@@ -371,13 +444,18 @@ def main(argv=None) -> None:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+    if args.model.startswith("hf-"):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            parser.error(f"--model {args.model} needs transformers, which is not installed (pip install transformers)")
     depths = args.layers or ([2, 8] if args.quick else [2, 8, 32])
     iters = 5 if args.quick else 30
     model_kwargs = {**MODEL, "hidden": args.hidden}
     import vcompile
 
     device_name = vcompile.device_description(torch.device(args.device))
-    print(f"bench: {args.device} ({device_name}), torch {torch.__version__}, layers {depths}, "
+    print(f"bench: {args.model} on {args.device} ({device_name}), torch {torch.__version__}, layers {depths}, "
           f"first output at {FIRST_SIZE} tokens, steady state at {STEADY_SIZE} tokens x {iters} calls", flush=True)
 
     base = args.keep or tempfile.mkdtemp(prefix="vcompile-bench-")
@@ -387,12 +465,14 @@ def main(argv=None) -> None:
             # Inductor builds a precompiled C++ header once per machine, in a
             # global folder outside every cache: build it before timing, so the
             # first cold case does not pay for all the others.
-            spawn("stock_cold", 1, args.device, case_dirs(os.path.join(base, "warmup")), model_kwargs, 1)
+            spawn("stock_cold", 1, args.device, case_dirs(os.path.join(base, "warmup")), model_kwargs, 1,
+                  model_name=args.model)
         for layers in depths:
             dirs = case_dirs(os.path.join(base, f"{layers}-layers"))
             results[layers] = {}
             for case in CASES:
-                r = spawn(case, layers, args.device, dirs, model_kwargs, iters, repeats=1 if args.quick else 3)
+                r = spawn(case, layers, args.device, dirs, model_kwargs, iters, repeats=1 if args.quick else 3,
+                          model_name=args.model)
                 results[layers][case] = r
                 monitor = f", monitor {r['monitor_s']:.2f} s" if "monitor_s" in r else ""
                 print(f"  {layers:>3} layers  {LABELS[case].strip():28} first output {r['first_output_s']:7.2f} s "
@@ -405,7 +485,7 @@ def main(argv=None) -> None:
     print(table(results, depths, summary))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__,
+            json.dump({"model_name": args.model, "device": args.device, "device_name": device_name, "torch": torch.__version__,
                        "python": platform.python_version(), "date": datetime.date.today().isoformat(),
                        "model": model_kwargs, "config": CONFIG, "first_size": FIRST_SIZE,
                        "steady_size": STEADY_SIZE, "steady_calls": iters,
