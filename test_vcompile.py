@@ -9,6 +9,8 @@ run_child(), which calls a function of this file and returns its JSON.
 from __future__ import annotations
 
 import ast
+import builtins
+import contextlib
 import dataclasses
 import functools
 import json
@@ -138,7 +140,7 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
                   config_kwargs: dict | None = None, first_size: int = 9,
                   drop_field: str | None = None, pause_before_rename: str | None = None,
                   rank: int | None = None, world: int = 1, store: str | None = None,
-                  seed: str | None = None) -> dict:
+                  seed: str | None = None, record_opens: bool = False) -> dict:
     """Child body: compile the decoder, compare every size with eager, report.
 
     drop_field: save the way an older vcompile would have, one field short.
@@ -147,6 +149,7 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
     the file named here appears when the child gets there.
     rank, world, store: join a gloo process group first.
     seed: a hash folder whose Inductor cache to start from (see seed_inductor_cache).
+    record_opens: report every file the first call opens with open().
     """
     if rank is not None:
         torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -170,11 +173,15 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
                                **SMALL_CONFIG, **(config_kwargs or {})})
     seed_inductor_cache(model, cfg, device, seed)
     fn = vcompile.compile(model, cfg)
+    opened, real_open = [], builtins.open
+    if record_opens:
+        builtins.open = lambda file, *args, **kwargs: opened.append(str(file)) or real_open(file, *args, **kwargs)
     fn(token_ids(first_size, device))
+    builtins.open = real_open
     first = counter_values()
     errors = max_error(fn, model, sizes, device)
     later = {k: v - first[k] for k, v in counter_values().items()}
-    return {"counters": first, "later": later, "errors": errors, "logs": logs.lines,
+    return {"counters": first, "later": later, "errors": errors, "logs": logs.lines, "opened": opened,
             "compilation_time": cfg.compilation_time,
             "hash_dir": fn.cache.hash_dir if fn.cache else None}
 
@@ -265,6 +272,18 @@ def test_config_rejects_bad_values():
         CompilationConfig(compile_sizes=[0])
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         CompilationConfig(max_num_batched_tokens=0)
+
+
+def test_a_torch_outside_the_tested_range_warns_once_at_import():
+    code = ("import logging, sys, torch; logging.basicConfig(format='%(levelname)s %(message)s'); "
+            "torch.__version__ = sys.argv[1]; import vcompile")
+    for version, warned in [("2.99.0", True), ("2.10.1+cpu", True), (torch.__version__, False)]:
+        proc = subprocess.run([sys.executable, "-c", code, version], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("WARNING vcompile")]
+        assert proc.returncode == 0 and len(lines) == int(warned), (version, proc.stderr[-2000:])
+        if warned:
+            assert f"torch {version} is outside the tested range 2.11 to 2.15" in lines[0]
 
 
 def test_disable_cache_env(monkeypatch):
@@ -435,6 +454,96 @@ def test_a_cache_root_with_a_space_compiles_and_starts_warm(device, tmp_path):
         assert not [line for line in result["logs"] if line.startswith("WARNING")], result["logs"]
     kernels = [f for f in files_under(os.path.join(cold["hash_dir"], "inductor_cache")) if f.endswith((".so", ".cubin"))]
     assert kernels and cold["hash_dir"].startswith(str(root))  # the kernels live in the folder with the space
+
+
+# --- seeing into the cache: each miss explained, and `python -m vcompile cache`
+
+
+def factors_folder(root, factors: dict) -> vcompile.CacheDir:
+    """A hash folder holding only its factors file, as a cold start leaves it."""
+    hash_dir = os.path.join(str(root), "torch_aot_compile", vcompile.cache_hash(factors))
+    os.makedirs(hash_dir)
+    with open(os.path.join(hash_dir, vcompile.FACTORS_FILE), "w") as f:
+        json.dump(factors, f, default=str)
+    return vcompile.CacheDir(hash_dir, os.path.join(hash_dir, "rank_0_0"), writable=True)
+
+
+def miss_lines(root, factors: dict, caplog) -> list[str]:
+    caplog.clear()
+    hash_dir = os.path.join(str(root), "torch_aot_compile", vcompile.cache_hash(factors))
+    vcompile.explain_miss(vcompile.CacheDir(hash_dir, os.path.join(hash_dir, "rank_0_0"), True), factors)
+    return messages(caplog)
+
+
+def test_a_miss_names_the_factors_that_differ(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    cfg = config(**SMALL_CONFIG)
+    on_disk = vcompile.cache_key_factors(decoder("cpu"), cfg, False, {"input_ids": 0}, torch.device("cpu"))
+    assert miss_lines(tmp_path, on_disk, caplog) == [
+        f"vcompile: no compiled bench.Decoder under {tmp_path}: this is its first compile here"]
+    factors_folder(tmp_path, on_disk)
+    other_model = {**on_disk, "model": "other.Model", "torch": ["2.15.0", "xyz", None]}
+    factors_folder(tmp_path, other_model)  # another class is never the nearest
+    newer_torch = {**on_disk, "torch": ["2.15.0", *on_disk["torch"][1:]]}
+    wider = vcompile.cache_key_factors(decoder("cpu", hidden=128), cfg, False, {"input_ids": 0}, torch.device("cpu"))
+    more_sizes = vcompile.cache_key_factors(decoder("cpu"), dataclasses.replace(cfg, compile_sizes=[4, 16]), False,
+                                            {"input_ids": 0}, torch.device("cpu"))
+    expected = {
+        "torch": f"torch: {torch.__version__} -> 2.15.0",
+        "tensors": "tensors: embed.weight [256, 64] -> [256, 128], layers.0.down.weight [64, 128] -> [128, 128], "
+                   "layers.0.gate_up.weight [256, 64] -> [256, 128] (+11 more)",
+        "sizes": "compile_entries: [4, 4], [1, 8], [9, 32] -> [4, 4], [16, 16], [1, 8], [9, 32]",
+    }
+    for name, factors in {"torch": newer_torch, "tensors": wider, "sizes": more_sizes}.items():
+        lines = miss_lines(tmp_path, factors, caplog)
+        assert len(lines) == 1, lines
+        assert lines[0] == (f"vcompile: no artifact for this configuration of bench.Decoder "
+                            f"({vcompile.cache_hash(factors)}); the nearest folder, {vcompile.cache_hash(on_disk)}, "
+                            f"differs in: {expected[name]}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cold_start_leaves_its_factors_and_a_warm_one_reads_none(device, cold_cache, tmp_path):
+    cold = cold_cache(device)
+    with open(os.path.join(cold["hash_dir"], vcompile.FACTORS_FILE)) as f:
+        saved = json.load(f)
+    assert saved["model"] == "bench.Decoder" and saved["torch"][0] == torch.__version__
+    assert vcompile.cache_hash(saved) == os.path.basename(cold["hash_dir"])  # the factors the hash was made from
+    assert any("this is its first compile here" in line for line in cold["logs"])
+    copy_cache(cold["hash_dir"], tmp_path)
+    warm = run_child("child_decoder", root=str(tmp_path), device=device, record_opens=True)
+    assert_counters(warm, **WARM)
+    assert not [f for f in warm["opened"] if f.endswith(vcompile.FACTORS_FILE)] and warm["opened"]
+    assert not [line for line in warm["logs"] if "vcompile: no " in line]
+
+
+def vcompile_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vcompile", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_cache_command_lists_and_removes_hash_folders(cold_cache, tmp_path):
+    copy = copy_cache(cold_cache("cpu")["hash_dir"], tmp_path)
+    name = os.path.basename(copy)
+    os.makedirs(tmp_path / "torch_aot_compile" / "0123456789abcdef")  # from an older vcompile: no factors
+    with contextlib.suppress(FileNotFoundError):  # a warm start from the cold root may have left one
+        os.remove(os.path.join(copy, vcompile.LAST_LOADED_FILE))
+    listing = vcompile_cli("cache", str(tmp_path))
+    assert listing.returncode == 0, listing.stderr
+    assert f"2 compiled model(s) under {tmp_path}" in listing.stdout
+    assert f"{name}  bench.Decoder" in listing.stdout and f"torch {torch.__version__}" in listing.stdout
+    assert "compile entries: [4, 4], [1, 8], [9, 32]" in listing.stdout
+    assert "0123456789abcdef  (no factors file)" in listing.stdout and "last loaded never" in listing.stdout
+    run_child("child_decoder", root=str(tmp_path), sizes=[9])
+    rows = {row["hash"]: row for row in json.loads(vcompile_cli("cache", str(tmp_path), "--json").stdout)}
+    row = rows[name]
+    assert row["model"] == "bench.Decoder" and row["device"] == vcompile.device_description(torch.device("cpu"))
+    assert row["compile_entries"] == ["[4, 4]", "[1, 8]", "[9, 32]"] and row["artifacts"] == ["rank_0_0/model"]
+    assert row["bytes"] == folder_bytes(copy) and row["last_loaded"] is not None
+    assert vcompile_cli("cache", str(tmp_path), "--remove", "../../etc").returncode == 2
+    removed = vcompile_cli("cache", str(tmp_path), "--remove", name)
+    assert removed.returncode == 0 and not os.path.exists(copy)
+    assert set(json.loads(vcompile_cli("cache", str(tmp_path), "--json").stdout)[0]) >= {"hash", "last_loaded"}
 
 
 # --- faults: the cache must never crash a start, serve a stale artifact, or corrupt itself
@@ -1470,7 +1579,7 @@ def test_a_model_that_cannot_load_back_does_not_compile_at_every_start(device, t
 # torch 2.11 cannot wrap a Hugging Face forward for saving ("Missing required
 # external references: ['type']"), so there vcompile falls back to JIT mode's
 # per-piece cache; from 2.13 on the AOT artifact saves and loads.
-AOT_WRAPS_HF = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+AOT_WRAPS_HF = vcompile._torch_release >= (2, 13)
 
 
 def hf_ids(size: int, device: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ The sections follow the data, top to bottom:
    8. codegen with inlined submodules          vLLM PR 40151
    9. serializable compiled function           vLLM PR 40151
   10. backend and compile()
+  11. the cache from the command line: python -m vcompile cache
 
 Usage:
     fn = vcompile.compile(model, vcompile.CompilationConfig(splitting_ops=["my::attention"]))
@@ -25,6 +26,7 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import contextlib
 import dataclasses
@@ -40,7 +42,9 @@ import operator
 import os
 import pickle
 import platform
+import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -69,6 +73,16 @@ from torch.fx.passes.split_module import split_module
 # =============================================================================
 
 logger = logging.getLogger("vcompile")  # the library logs; it never prints
+
+# vcompile leans on torch's newest compile entry points (standalone_compile
+# with aot=True, torch._dynamo.aot_compile, load_compiled_function, AOTAutograd's
+# cache key), which move between releases. These are the releases its tests
+# run on; pyproject's bound says the same.
+TESTED_TORCH = ((2, 11), (2, 15))
+_torch_release = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+if not TESTED_TORCH[0] <= _torch_release <= TESTED_TORCH[1]:
+    logger.warning("vcompile: torch %s is outside the tested range %d.%d to %d.%d; it may work, or fail in "
+                   "torch's compile entry points", torch.__version__, *TESTED_TORCH[0], *TESTED_TORCH[1])
 
 # Bump when the layout of a saved artifact changes. Files of another version
 # fail to load with a clear reason and are compiled again, never misread.
@@ -322,6 +336,68 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
                            "compiling without saving", root, e)
         cache.writable = False
     return cache
+
+
+# Each hash folder keeps the factors its hash was made from, readable, so that
+# a miss can say what changed (below) and `python -m vcompile cache` can say
+# what a folder holds. Only cold starts touch them: a warm load reads none.
+FACTORS_FILE = "cache_key_factors.json"
+LAST_LOADED_FILE = "last_loaded"  # its mtime: when a start last loaded from this folder
+
+
+def explain_miss(cache: CacheDir, factors: dict) -> None:
+    """One INFO line on a cold start: either this model was never compiled
+    under this root, or which factors differ from the nearest folder that
+    holds the same model class. Silent misses cost vLLM users whole warm
+    starts (a HOME path in the key, a per-pod value in the config); with the
+    factors on disk, vcompile names the culprit at the moment of the miss."""
+    factors = json.loads(json.dumps(factors, default=str))  # as the file has them: tuples are lists
+    parent = os.path.dirname(cache.hash_dir)
+    nearest = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        path = os.path.join(parent, name, FACTORS_FILE)
+        if name == os.path.basename(cache.hash_dir) or not os.path.isfile(path):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                other = json.load(f)
+            if other.get("model") == factors["model"]:
+                nearest.append((len(factor_differences(other, factors)), name, other))
+    if not nearest:
+        logger.info("vcompile: no compiled %s under %s: this is its first compile here", factors["model"],
+                    os.path.dirname(parent))
+        return
+    _, name, other = min(nearest)
+    logger.info("vcompile: no artifact for this configuration of %s (%s); the nearest folder, %s, differs in: %s",
+                factors["model"], os.path.basename(cache.hash_dir), name, "; ".join(factor_differences(other, factors)))
+
+
+def factor_differences(old: dict, new: dict) -> list[str]:
+    """`name: old -> new` for each factor that differs, shortened to read."""
+    def short(value, limit=60) -> str:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            text = ", ".join(value)  # compile entries: [4, 4], [1, 8], ...
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+        return text if len(text) <= limit else text[:limit - 3] + "..."
+
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "tensors" and isinstance(a, list) and isinstance(b, list):  # [name, shape, dtype] rows
+            same_dtypes = {row[2] for row in a} == {row[2] for row in b}
+            a, b = ({row[0]: json.dumps(row[1]) + ("" if same_dtypes else f" {row[2]}") for row in t} for t in (a, b))
+        if isinstance(a, dict) and isinstance(b, dict):  # the keys that differ, a few of them
+            changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            parts = [f"{k} {short(a.get(k, 'absent'), 24)} -> {short(b.get(k, 'absent'), 24)}" for k in changed[:3]]
+            out.append(f"{key}: " + ", ".join(parts) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):  # e.g. torch: version, commit, CUDA
+            out.append(f"{key}: " + ", ".join(f"{short(x)} -> {short(y)}" for x, y in zip(a, b) if x != y))
+        else:
+            out.append(f"{key}: {short(a)} -> {short(b)}")
+    return out
 
 
 @contextlib.contextmanager
@@ -1019,6 +1095,7 @@ class CompiledModel:
         self.constants: dict[str, Any] = {}  # non-tensor argument -> the value traced into the graph
         self.compiled_fn: VcompileFunction | None = None  # what the backend returned (cold only)
         self.cache: CacheDir | None = None
+        self.factors: dict = {}  # what the cache hash is made of
         self.device: torch.device | None = None
 
     def __call__(self, *args, **kwargs):
@@ -1067,14 +1144,19 @@ class CompiledModel:
         self.input_specs = {n: (v.dtype, v.dim(), v.device) for n, v in tensors.items()}
         self.constants = {n: v for n, v in arguments.items() if type(v) in (bool, int, float, str, type(None))}
         self.device = next(self.model.parameters(), next(iter(tensors.values()))).device
-        self.cache = open_cache_dir(cache_key_factors(self.model, self.config, self.is_encoder, dims, self.device),
-                                    self.config)
-        writable = self.cache is not None and self.cache.writable
+        self.factors = cache_key_factors(self.model, self.config, self.is_encoder, dims, self.device)
+        self.cache = open_cache_dir(self.factors, self.config)
 
         with inductor_cache_dir(self.cache):
             if not self.config.use_aot or self._aot_unavailable() is not None:
+                pieces = self.cache is not None and os.path.isdir(self.cache.pieces_dir) and os.listdir(self.cache.pieces_dir)
+                if not self.config.use_aot and self.cache is not None and not pieces:
+                    self._cold_start()
                 with monitor_torch_compile(self.config, self.is_encoder):
-                    return self._jit_first_call(args, kwargs, dims)
+                    out = self._jit_first_call(args, kwargs, dims)
+                if pieces:
+                    self._mark_loaded()
+                return out
             with monitor_torch_compile(self.config, self.is_encoder):
                 loaded = self._load()
                 aot_fn = loaded or self._aot_compile_and_save(args, kwargs, dims)
@@ -1259,6 +1341,7 @@ class CompiledModel:
         path = self.cache.model_path
         force = os.environ.get("VCOMPILE_FORCE_AOT_LOAD") == "1"
         if not force and not os.path.exists(path):
+            self._cold_start()
             return None
         try:
             saved = pickle.loads(read_artifact(path))
@@ -1273,7 +1356,26 @@ class CompiledModel:
             return None
         counters.num_aot_artifacts_loaded += 1
         logger.info("Loaded the compiled model from %s", path)
+        self._mark_loaded()
         return aot_fn
+
+    def _cold_start(self) -> None:
+        """Nothing to load for this hash: say why, and leave this folder's
+        factors for the next miss and for `python -m vcompile cache`."""
+        try:
+            explain_miss(self.cache, self.factors)
+            if self.cache.writable:
+                write_atomically(os.path.join(self.cache.hash_dir, FACTORS_FILE),
+                                 json.dumps(self.factors, indent=1, default=str).encode())
+        except Exception as e:  # an explanation must never stop the model
+            logger.debug("vcompile: cannot explain or record this cache miss: %s", describe(e))
+
+    def _mark_loaded(self) -> None:
+        # One utime per start (microseconds): the listing's "last loaded".
+        with contextlib.suppress(OSError):
+            path = os.path.join(self.cache.hash_dir, LAST_LOADED_FILE)
+            open(path, "a").close()
+            os.utime(path)
 
 
 def describe(e: Exception) -> str:
@@ -1372,3 +1474,82 @@ def _tracing_patches():
     # guards that would catch it are dropped.
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         yield
+
+
+# =============================================================================
+# 11. The cache from the command line
+#
+#   python -m vcompile cache [ROOT] [--json]      what each hash folder holds
+#   python -m vcompile cache ROOT --remove HASH   delete one folder
+#
+# A cache nobody can see into gets deleted whole the first time something
+# looks wrong, and every warm start with it. Each folder's factors file says
+# which model, torch and device it is for; its last_loaded file says when a
+# start last used it.
+# =============================================================================
+
+
+def cache_listing(root: str) -> list[dict]:
+    parent = os.path.join(root, "torch_aot_compile")
+    rows = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        folder = os.path.join(parent, name)
+        if not os.path.isdir(folder):
+            continue
+        factors: dict = {}
+        with contextlib.suppress(OSError, ValueError):  # a folder from an older vcompile has none
+            with open(os.path.join(folder, FACTORS_FILE)) as f:
+                factors = json.load(f)
+        loaded = os.path.join(folder, LAST_LOADED_FILE)
+        rank_dirs = [d for d in os.listdir(folder) if d.startswith("rank_")]
+        rows.append({
+            "hash": name,
+            "path": folder,
+            "model": factors.get("model"),
+            "torch": (factors.get("torch") or [None])[0],
+            "device": factors.get("device"),
+            "compile_entries": factors.get("compile_entries"),
+            "artifacts": sorted(os.path.join(d, "model") for d in rank_dirs
+                                if os.path.isfile(os.path.join(folder, d, "model"))),
+            "bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs),
+            "last_loaded": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(loaded)))
+            if os.path.exists(loaded) else None,
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vcompile", description="vcompile's compile cache.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cache = commands.add_parser("cache", help="list the compiled models under a cache root, or remove one")
+    cache.add_argument("root", nargs="?", help="the cache root (default: $VCOMPILE_CACHE_ROOT, else ~/.cache/vcompile)")
+    cache.add_argument("--json", action="store_true", help="print the listing as JSON, for scripts")
+    cache.add_argument("--remove", metavar="HASH", help="delete the hash folder HASH under the root")
+    args = parser.parse_args(argv)
+    root = args.root or cache_root(CompilationConfig())
+    if args.remove is not None:
+        folder = os.path.join(root, "torch_aot_compile", args.remove)
+        if not re.fullmatch(r"[0-9a-f]{16}", args.remove) or not os.path.isdir(folder):
+            parser.error(f"no hash folder {args.remove!r} under {root}")
+        shutil.rmtree(folder)
+        print(f"removed {folder}")
+        return
+    rows = cache_listing(root)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        print(f"no compiled models under {root}")
+        return
+    print(f"{len(rows)} compiled model(s) under {root}")
+    for row in rows:
+        print(f"\n{row['hash']}  {row['model'] or '(no factors file)'}  {row['bytes'] / 2**20:.1f} MB  "
+              f"last loaded {row['last_loaded'] or 'never'}")
+        if row["model"] is not None:
+            print(f"    torch {row['torch']}, {row['device']}")
+            print(f"    compile entries: {', '.join(row['compile_entries'])}")
+        print(f"    warm start from: {', '.join(row['artifacts']) or 'no AOT artifact'}")
+
+
+if __name__ == "__main__":
+    main()
