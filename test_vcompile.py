@@ -173,6 +173,8 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
                                **SMALL_CONFIG, **(config_kwargs or {})})
     seed_inductor_cache(model, cfg, device, seed)
     fn = vcompile.compile(model, cfg)
+    probes, real_probe = [], torch._inductor.cpu_vec_isa.VecISA.check_build
+    torch._inductor.cpu_vec_isa.VecISA.check_build = lambda isa, code: probes.append(str(isa)) or real_probe(isa, code)
     opened, real_open = [], builtins.open
     if record_opens:
         builtins.open = lambda file, *args, **kwargs: opened.append(str(file)) or real_open(file, *args, **kwargs)
@@ -182,6 +184,7 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
     errors = max_error(fn, model, sizes, device)
     later = {k: v - first[k] for k, v in counter_values().items()}
     return {"counters": first, "later": later, "errors": errors, "logs": logs.lines, "opened": opened,
+            "isa_probes": probes,
             "compilation_time": cfg.compilation_time,
             "hash_dir": fn.cache.hash_dir if fn.cache else None}
 
@@ -416,6 +419,8 @@ def test_cold_then_warm_in_fresh_processes(device, cold_cache):
     assert all(v == 0 for v in warm["later"].values()), warm["later"]
     assert_matches_eager(warm, device)
     assert any(line.startswith("INFO Loaded the compiled model from") for line in warm["logs"])
+    if device == "cpu":  # the cold compile probed the CPU's vector ISA; a warm start trusts what it found
+        assert cold["isa_probes"] and warm["isa_probes"] == []
 
 
 def files_under(path) -> set[str]:

@@ -1082,6 +1082,9 @@ def compile(model: torch.nn.Module, config: CompilationConfig, *,
     return CompiledModel(model, config, dynamic_arg_dims, is_encoder)
 
 
+_CONSTANT_TYPES = (bool, int, float, str, type(None))  # arguments Dynamo bakes into the graph, checked per call
+
+
 class CompiledModel:
     """What compile() returns: call it as you would call the model."""
 
@@ -1097,6 +1100,7 @@ class CompiledModel:
         self.cache: CacheDir | None = None
         self.factors: dict = {}  # what the cache hash is made of
         self.device: torch.device | None = None
+        self.loaded_isa: str | None = None  # the CPU vector ISA the loaded artifact was built for
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad():  # inference: the pieces are compiled without a backward
@@ -1125,7 +1129,8 @@ class CompiledModel:
         for name, traced in self.constants.items():
             value = arguments.get(name)
             if type(value) is not type(traced) or value != traced:
-                raise ValueError(f"vcompile: argument '{name}' was compiled as {traced!r}; got {value!r} "
+                got = repr(value) if type(value) in _CONSTANT_TYPES else f"a {type(value).__name__}"
+                raise ValueError(f"vcompile: argument '{name}' was compiled as {traced!r}; got {got} "
                                  "(non-tensor arguments are constants of the traced graph)")
 
     def _first_call(self, args, kwargs):
@@ -1142,7 +1147,7 @@ class CompiledModel:
         for name, dim in dims.items():  # before any compile work, not after it
             find_entry(tensors[name].shape[dim], entries)
         self.input_specs = {n: (v.dtype, v.dim(), v.device) for n, v in tensors.items()}
-        self.constants = {n: v for n, v in arguments.items() if type(v) in (bool, int, float, str, type(None))}
+        self.constants = {n: v for n, v in arguments.items() if type(v) in _CONSTANT_TYPES}
         self.device = next(self.model.parameters(), next(iter(tensors.values()))).device
         self.factors = cache_key_factors(self.model, self.config, self.is_encoder, dims, self.device)
         self.cache = open_cache_dir(self.factors, self.config)
@@ -1165,7 +1170,7 @@ class CompiledModel:
             # Guards were filtered out at compile time; skip checking the empty set on every call.
             aot_fn.disable_guard_check()
             self.fn = functools.partial(aot_fn, self.model)
-            with known_vec_isa(self.device if loaded else None):
+            with known_vec_isa(self.device, self.loaded_isa) if loaded else contextlib.nullcontext():
                 return self.fn(*args, **kwargs)  # first run: kernels load into the cache folder
 
     def _jit_first_call(self, args, kwargs, dims):
@@ -1299,9 +1304,12 @@ class CompiledModel:
         marker = self.cache.unavailable_path
         # Edit the model's code and AOT is tried again: the sources Dynamo
         # traced, or without them the file that defines the model's class.
-        model_file = inspect.getmodule(type(self.model))
-        sources = (source_hashes(aot_fn.source_info()) if aot_fn is not None else
-                   {model_file.__name__: hashlib.sha256(inspect.getsource(model_file).encode()).hexdigest()})
+        try:
+            model_file = inspect.getmodule(type(self.model))
+            sources = (source_hashes(aot_fn.source_info()) if aot_fn is not None else
+                       {model_file.__name__: hashlib.sha256(inspect.getsource(model_file).encode()).hexdigest()})
+        except (OSError, TypeError):  # a model typed into `python -c` has no source file
+            sources = {}
         try:
             write_atomically(marker, json.dumps({"reason": reason, "sources": sources}, indent=1).encode())
         except OSError as e:
@@ -1345,7 +1353,8 @@ class CompiledModel:
             return None
         try:
             saved = pickle.loads(read_artifact(path))
-            with known_vec_isa(self.device, saved["vec_isa"]):
+            self.loaded_isa = saved["vec_isa"]
+            with known_vec_isa(self.device, self.loaded_isa):
                 aot_fn = load_aot_function(saved, self.model, self.model.forward.__globals__)
             check_sources_unchanged(source_hashes(aot_fn.source_info()))
         except Exception as e:
@@ -1417,7 +1426,7 @@ def external_refs(model: torch.nn.Module) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def known_vec_isa(device: torch.device | None, saved_isa: str | None = None):
+def known_vec_isa(device: torch.device, saved_isa: str | None):
     """Skips Inductor's CPU vector-ISA probe when loading on the processor
     that compiled the artifact.
 
@@ -1427,9 +1436,8 @@ def known_vec_isa(device: torch.device | None, saved_isa: str | None = None):
     cache key names the processor, so the cold compile here already proved
     which ISA works: config.cpp.vec_isa_ok=True trusts the CPU's flags instead
     of probing, and is kept only if it picks the ISA the cold compile picked.
-    saved_isa None: the one this process picked while loading (for the first run).
     """
-    if device is None or device.type != "cpu":
+    if device.type != "cpu" or saved_isa is None:
         yield
         return
     from torch._inductor import cpu_vec_isa
@@ -1437,7 +1445,7 @@ def known_vec_isa(device: torch.device | None, saved_isa: str | None = None):
 
     with inductor_config.patch({"cpp.vec_isa_ok": True}):
         picked = picked_vec_isa(device)
-    if saved_isa is not None and picked != saved_isa:
+    if picked != saved_isa:
         cpu_vec_isa.valid_vec_isa_list.cache_clear()  # forget the unproved answer; probe as usual
         yield
         return
