@@ -304,6 +304,9 @@ class CacheDir:
     def pieces_dir(self) -> str:
         return os.path.join(self.rank_dir, "pieces")
 
+    def has_pieces(self) -> bool:
+        return os.path.isdir(self.pieces_dir) and bool(os.listdir(self.pieces_dir))
+
     @property
     def unavailable_path(self) -> str:  # why this model's AOT artifact cannot be saved to load back
         return os.path.join(self.rank_dir, "model.unavailable")
@@ -1154,12 +1157,12 @@ class CompiledModel:
 
         with inductor_cache_dir(self.cache):
             if not self.config.use_aot or self._aot_unavailable() is not None:
-                pieces = self.cache is not None and os.path.isdir(self.cache.pieces_dir) and os.listdir(self.cache.pieces_dir)
-                if not self.config.use_aot and self.cache is not None and not pieces:
+                warm = self.cache is not None and self.cache.has_pieces()
+                if not self.config.use_aot and self.cache is not None and not warm:
                     self._cold_start()
                 with monitor_torch_compile(self.config, self.is_encoder):
                     out = self._jit_first_call(args, kwargs, dims)
-                if pieces:
+                if warm:
                     self._mark_loaded()
                 return out
             with monitor_torch_compile(self.config, self.is_encoder):
@@ -1227,6 +1230,7 @@ class CompiledModel:
 
     def _aot_compile_and_save(self, args, kwargs, dims):
         compiled = self._torch_compile(pieces_dir=None)
+        self.compiled_fn = None  # set by the backend: then any failure is torch's, wrapping its result
         trace_inputs = self._trace_inputs(args, kwargs, dims)
         module_globals = set(self.model.forward.__globals__)
         try:
