@@ -3,6 +3,7 @@
     python bench.py                       # depths 2, 8, 32 on the best device present
     python bench.py --quick               # a first look: depths 2 and 8, fewer timed calls
     python bench.py --json out.json --plot out.png
+    python bench.py --model hf-llama      # the same cases on a Hugging Face Llama (needs transformers)
 
 Every case runs in a fresh Python process with its own empty caches where it
 is cold, so what it measures is what a new server process pays:

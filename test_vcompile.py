@@ -522,35 +522,6 @@ def test_a_cold_start_leaves_its_factors_and_a_warm_one_reads_none(device, cold_
     assert not [line for line in warm["logs"] if "vcompile: no " in line]
 
 
-def vcompile_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vcompile", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_the_cache_command_lists_and_removes_hash_folders(cold_cache, tmp_path):
-    copy = copy_cache(cold_cache("cpu")["hash_dir"], tmp_path)
-    name = os.path.basename(copy)
-    os.makedirs(tmp_path / "torch_aot_compile" / "0123456789abcdef")  # from an older vcompile: no factors
-    with contextlib.suppress(FileNotFoundError):  # a warm start from the cold root may have left one
-        os.remove(os.path.join(copy, vcompile.LAST_LOADED_FILE))
-    listing = vcompile_cli("cache", str(tmp_path))
-    assert listing.returncode == 0, listing.stderr
-    assert f"2 compiled model(s) under {tmp_path}" in listing.stdout
-    assert f"{name}  bench.Decoder" in listing.stdout and f"torch {torch.__version__}" in listing.stdout
-    assert "compile entries: [4, 4], [1, 8], [9, 32]" in listing.stdout
-    assert "0123456789abcdef  (no factors file)" in listing.stdout and "last loaded never" in listing.stdout
-    run_child("child_decoder", root=str(tmp_path), sizes=[9])
-    rows = {row["hash"]: row for row in json.loads(vcompile_cli("cache", str(tmp_path), "--json").stdout)}
-    row = rows[name]
-    assert row["model"] == "bench.Decoder" and row["device"] == vcompile.device_description(torch.device("cpu"))
-    assert row["compile_entries"] == ["[4, 4]", "[1, 8]", "[9, 32]"] and row["artifacts"] == ["rank_0_0/model"]
-    assert row["bytes"] == folder_bytes(copy) and row["last_loaded"] is not None
-    assert vcompile_cli("cache", str(tmp_path), "--remove", "../../etc").returncode == 2
-    removed = vcompile_cli("cache", str(tmp_path), "--remove", name)
-    assert removed.returncode == 0 and not os.path.exists(copy)
-    assert set(json.loads(vcompile_cli("cache", str(tmp_path), "--json").stdout)[0]) >= {"hash", "last_loaded"}
-
-
 # --- faults: the cache must never crash a start, serve a stale artifact, or corrupt itself
 
 
@@ -1682,3 +1653,38 @@ def test_bench_plot_without_matplotlib_says_so(tmp_path):
             f"sys.argv = ['bench.py', '--plot', {str(tmp_path / 'x.png')!r}]; runpy.run_path('bench.py', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--plot needs matplotlib, which is not installed" in proc.stderr
+
+
+# =============================================================================
+# 11. The cache from the command line
+# =============================================================================
+
+
+def vcompile_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vcompile", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_cache_command_lists_and_removes_hash_folders(device, cold_cache, tmp_path):
+    copy = copy_cache(cold_cache(device)["hash_dir"], tmp_path)
+    name = os.path.basename(copy)
+    os.makedirs(tmp_path / "torch_aot_compile" / "0123456789abcdef")  # from an older vcompile: no factors
+    with contextlib.suppress(FileNotFoundError):  # a warm start from the cold root may have left one
+        os.remove(os.path.join(copy, vcompile.LAST_LOADED_FILE))
+    listing = vcompile_cli("cache", str(tmp_path))
+    assert listing.returncode == 0, listing.stderr
+    assert f"2 compiled model(s) under {tmp_path}" in listing.stdout
+    assert f"{name}  bench.Decoder" in listing.stdout and f"torch {torch.__version__}" in listing.stdout
+    assert "compile entries: [4, 4], [1, 8], [9, 32]" in listing.stdout
+    assert "0123456789abcdef  (no factors file)" in listing.stdout and "last loaded never" in listing.stdout
+    run_child("child_decoder", root=str(tmp_path), device=device, sizes=[9])
+    rows = {row["hash"]: row for row in json.loads(vcompile_cli("cache", str(tmp_path), "--json").stdout)}
+    row = rows[name]
+    assert row["model"] == "bench.Decoder" and row["device"] == vcompile.device_description(torch.device(device))
+    assert row["compile_entries"] == ["[4, 4]", "[1, 8]", "[9, 32]"] and row["artifacts"] == ["rank_0_0/model"]
+    assert row["bytes"] == folder_bytes(copy) and row["last_loaded"] is not None
+    assert vcompile_cli("cache", str(tmp_path), "--remove", "../../etc").returncode == 2
+    removed = vcompile_cli("cache", str(tmp_path), "--remove", name)
+    assert removed.returncode == 0 and not os.path.exists(copy)
+    assert set(json.loads(vcompile_cli("cache", str(tmp_path), "--json").stdout)[0]) >= {"hash", "last_loaded"}

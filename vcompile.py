@@ -1034,6 +1034,13 @@ def load_split_graph(data: bytes) -> fx.GraphModule:
 # torch.compiler.load_compiled_function rebuilds it with no trace and no
 # compile. JIT mode: Dynamo traces at every start, and the backend loads each
 # piece's artifact from the same cache folder instead of compiling it.
+#
+# Model code people bring (Hugging Face decoders) broke the save: a decorated
+# forward keeps the original function in a closure that pickle cannot store
+# by name, and Dynamo's bytecode reads globals it installed while tracing,
+# which a fresh process lacks. Both are handed to torch's loader by vcompile.
+# What still cannot be saved to load back is found at save time, and that
+# model runs the JIT way, never compiling from scratch at every start.
 # =============================================================================
 
 
@@ -1421,11 +1428,13 @@ def external_refs(model: torch.nn.Module) -> dict[str, Any]:
     not pickled either: they hold the weights, which stay live.
     """
     refs: dict[str, Any] = {f"module:{name}": m for name, m in model.named_modules()}
+    seen: set[int] = set()
     todo = [("forward", getattr(model.forward, "__func__", model.forward))]
     while todo:
         key, fn = todo.pop()
-        if not inspect.isfunction(fn) or any(fn is v for v in refs.values()):
+        if not inspect.isfunction(fn) or id(fn) in seen:
             continue
+        seen.add(id(fn))
         refs[key] = fn
         todo.append((f"{key}.__wrapped__", getattr(fn, "__wrapped__", None)))
         for i, cell in enumerate(fn.__closure__ or ()):
