@@ -365,14 +365,14 @@ def explain_miss(cache: CacheDir, factors: dict) -> None:
             with open(path) as f:
                 other = json.load(f)
             if other.get("model") == factors["model"]:
-                nearest.append((len(factor_differences(other, factors)), name, other))
+                nearest.append((factor_differences(other, factors), name))
     if not nearest:
         logger.info("vcompile: no compiled %s under %s: this is its first compile here", factors["model"],
                     os.path.dirname(parent))
         return
-    _, name, other = min(nearest)
+    differences, name = min(nearest, key=lambda found: (len(found[0]), found[1]))
     logger.info("vcompile: no artifact for this configuration of %s (%s); the nearest folder, %s, differs in: %s",
-                factors["model"], os.path.basename(cache.hash_dir), name, "; ".join(factor_differences(other, factors)))
+                factors["model"], os.path.basename(cache.hash_dir), name, "; ".join(differences))
 
 
 def factor_differences(old: dict, new: dict) -> list[str]:
