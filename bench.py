@@ -232,14 +232,14 @@ def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict
             splitting_ops=HF_SPLITTING_OPS if hf else SPLITTING_OPS, cache_dir=cache, **CONFIG,
             use_codegen=not case.endswith("nocodegen"), use_aot=not case.endswith("jit"))
         fn = vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": token_dim})
-        probes = []  # CPU vector-ISA probes run in this process (each builds and loads a test library)
-        real_probe = torch._inductor.cpu_vec_isa.VecISA.check_build
+        programs = []  # programs the first call starts: g++ per kernel built, g++ and python per ISA probe
+        real_popen = subprocess.Popen.__init__
 
-        def counted_probe(isa, code):
-            probes.append(str(isa))
-            return real_probe(isa, code)
+        def counted_popen(self, args, *rest, **kwargs):
+            programs.append(args)
+            real_popen(self, args, *rest, **kwargs)
 
-        torch._inductor.cpu_vec_isa.VecISA.check_build = counted_probe
+        subprocess.Popen.__init__ = counted_popen
         loads = []  # seconds per unique artifact loaded: where a warm start goes
         real_load = vcompile.load_artifact
 
@@ -258,7 +258,7 @@ def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict
         first = time.perf_counter()
         result.update(first_output_s=first - started, first_call_s=first - called)
         if uses_vcompile:
-            result.update(monitor_s=cfg.compilation_time, artifact_loads_s=sum(loads), isa_probes=len(probes),
+            result.update(monitor_s=cfg.compilation_time, artifact_loads_s=sum(loads), programs_run=len(programs),
                           counters=dataclasses.asdict(vcompile.counters))
         result["max_error"] = (hidden_states(out).float() - hidden_states(model(ids)).float()).abs().max().item()
 
@@ -383,7 +383,7 @@ def table(results: dict, depths: list[int], summary: dict) -> str:
         lines.append(f"  where vcompile's warm start goes: import {warm['import_s']:.2f}s (torch, and torch._dynamo "
                      f"for the AOT loader), then the monitor's {warm['monitor_s']:.2f}s = Inductor's first-load "
                      f"costs (its compiler modules {parts['inductor_import_s']:.2f}s; the CPU ISA probe, "
-                     f"{parts['isa_probe_s']:.2f}s where it runs, ran {warm['isa_probes']} times) + vcompile's "
+                     f"{parts['isa_probe_s']:.2f}s where it runs; the warm start ran {warm['programs_run']} programs) + vcompile's "
                      f"load and first run {parts['monitor_s']:.2f}s "
                      f"({warm['counters']['num_compiled_artifacts_loaded']} unique artifacts)")
         lines.append(f"  warm/cold first output: stock {d['stock_warm_over_cold']:.2f}, vcompile "

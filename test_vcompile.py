@@ -18,6 +18,7 @@ import logging
 import operator
 import os
 import pickle
+import shlex
 import shutil
 import subprocess
 import sys
@@ -140,7 +141,7 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
                   config_kwargs: dict | None = None, first_size: int = 9,
                   drop_field: str | None = None, pause_before_rename: str | None = None,
                   rank: int | None = None, world: int = 1, store: str | None = None,
-                  seed: str | None = None, record_opens: bool = False) -> dict:
+                  seed: str | None = None, record_opens: bool = False, fake_features: bool = False) -> dict:
     """Child body: compile the decoder, compare every size with eager, report.
 
     drop_field: save the way an older vcompile would have, one field short.
@@ -150,7 +151,10 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
     rank, world, store: join a gloo process group first.
     seed: a hash folder whose Inductor cache to start from (see seed_inductor_cache).
     record_opens: report every file the first call opens with open().
+    fake_features: the processor claims every vector extension (see fake_cpu_features).
     """
+    if fake_features:
+        fake_cpu_features()
     if rank is not None:
         torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     if drop_field is not None:
@@ -173,20 +177,46 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
                                **SMALL_CONFIG, **(config_kwargs or {})})
     seed_inductor_cache(model, cfg, device, seed)
     fn = vcompile.compile(model, cfg)
-    probes, real_probe = [], torch._inductor.cpu_vec_isa.VecISA.check_build
-    torch._inductor.cpu_vec_isa.VecISA.check_build = lambda isa, code: probes.append(str(isa)) or real_probe(isa, code)
     opened, real_open = [], builtins.open
     if record_opens:
         builtins.open = lambda file, *args, **kwargs: opened.append(str(file)) or real_open(file, *args, **kwargs)
-    fn(token_ids(first_size, device))
+    with record_subprocesses() as launched:
+        fn(token_ids(first_size, device))
     builtins.open = real_open
     first = counter_values()
     errors = max_error(fn, model, sizes, device)
     later = {k: v - first[k] for k, v in counter_values().items()}
     return {"counters": first, "later": later, "errors": errors, "logs": logs.lines, "opened": opened,
-            "isa_probes": probes,
+            "subprocesses": launched,
             "compilation_time": cfg.compilation_time,
             "hash_dir": fn.cache.hash_dir if fn.cache else None}
+
+
+@contextlib.contextmanager
+def record_subprocesses():
+    """The command lines started inside the block: on CPU a compiler run per
+    kernel built, a compiler run and a Python process per vector-ISA probe,
+    and `g++ --version` where Inductor looks its compiler up (no build)."""
+    launched, real_init = [], subprocess.Popen.__init__
+
+    def recording_init(self, args, *rest, **kwargs):
+        launched.append(args if isinstance(args, str) else shlex.join(map(str, args)))
+        real_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = recording_init
+    try:
+        yield launched
+    finally:
+        subprocess.Popen.__init__ = real_init
+
+
+def fake_cpu_features() -> None:
+    """Make torch see every x86 vector extension Inductor checks for (AVX-512
+    with BF16 and FP16, VNNI, AMX): the checks that a warm start must skip run
+    on any machine, whatever its processor has."""
+    for name in ("_is_avx2_supported", "_is_avx512_supported", "_is_avx512_bf16_supported", "_is_vnni_supported",
+                 "_is_amx_tile_supported", "_is_amx_fp16_supported", "_init_amx"):
+        setattr(torch.cpu, name, lambda: True)
 
 
 @pytest.fixture(scope="session")
@@ -419,8 +449,21 @@ def test_cold_then_warm_in_fresh_processes(device, cold_cache):
     assert all(v == 0 for v in warm["later"].values()), warm["later"]
     assert_matches_eager(warm, device)
     assert any(line.startswith("INFO Loaded the compiled model from") for line in warm["logs"])
-    if device == "cpu":  # the cold compile probed the CPU's vector ISA; a warm start trusts what it found
-        assert cold["isa_probes"] and warm["isa_probes"] == []
+    # The cold compile built kernels and, on CPU, probed the vector ISA (each
+    # probe builds and loads a library); a warm start builds nothing, also
+    # where the processor claims every extension Inductor checks for.
+    if device == "cpu":
+        assert builds(cold), cold["subprocesses"]
+    assert builds(warm) == []
+    featured = run_child("child_decoder", root=root, device=device, fake_features=True)
+    assert_counters(featured, **WARM)
+    assert builds(featured) == []
+    assert_matches_eager(featured, device)
+
+
+def builds(result: dict) -> list[str]:
+    """The programs a child's first call ran, but for compiler version queries."""
+    return [c for c in result["subprocesses"] if not c.endswith("--version")]
 
 
 def files_under(path) -> set[str]:

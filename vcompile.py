@@ -86,7 +86,7 @@ if not TESTED_TORCH[0] <= _torch_release <= TESTED_TORCH[1]:
 
 # Bump when the layout of a saved artifact changes. Files of another version
 # fail to load with a clear reason and are compiled again, never misread.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1110,7 +1110,7 @@ class CompiledModel:
         self.cache: CacheDir | None = None
         self.factors: dict = {}  # what the cache hash is made of
         self.device: torch.device | None = None
-        self.loaded_isa: str | None = None  # the CPU vector ISA the loaded artifact was built for
+        self.loaded_isa: dict | None = None  # the CPU vector ISA the loaded artifact was built for
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad():  # inference: the pieces are compiled without a backward
@@ -1444,39 +1444,44 @@ def external_refs(model: torch.nn.Module) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def known_vec_isa(device: torch.device, saved_isa: str | None):
+def known_vec_isa(device: torch.device, saved_isa: dict | None):
     """Skips Inductor's CPU vector-ISA probe when loading on the processor
     that compiled the artifact.
 
     Inductor picks the ISA its kernels are built for by compiling and loading
-    a test program per candidate, in every process that loads a CPU kernel
-    (0.3-0.8 s on torch 2.13, 7 s on 2.11). A warm load builds nothing. The
-    cache key names the processor, so the cold compile here already proved
-    which ISA works: config.cpp.vec_isa_ok=True trusts the CPU's flags instead
-    of probing, and is kept only if it picks the ISA the cold compile picked.
+    a test program per candidate and per extension (AVX-512 BF16, VNNI, AMX),
+    in every process that loads a CPU kernel: g++ and a Python subprocess each,
+    0.3-0.8 s on torch 2.13, 5-7 s on 2.11. A warm load builds nothing, and the
+    cache key names the processor, so the cold compile already proved which
+    flags build and load here: each check answers from those flags instead of
+    running. (config.cpp.vec_isa_ok is not enough: the extension checks of
+    torch 2.11 to 2.15 run whatever it says.) The CPU's own feature flags still
+    decide which ISAs are candidates, so a machine that lacks what the cold one
+    had picks a smaller ISA and Inductor builds its kernels for it.
     """
     if device.type != "cpu" or saved_isa is None:
         yield
         return
     from torch._inductor import cpu_vec_isa
-    from torch._inductor import config as inductor_config
 
-    with inductor_config.patch({"cpp.vec_isa_ok": True}):
-        picked = picked_vec_isa(device)
-    if picked != saved_isa:
-        cpu_vec_isa.valid_vec_isa_list.cache_clear()  # forget the unproved answer; probe as usual
-        yield
-        return
-    with inductor_config.patch({"cpp.vec_isa_ok": True}):
+    proven = set(saved_isa["flags"].split())
+
+    def check_build_as_proven(isa, code) -> bool:
+        return set(isa.build_arch_flags().split()) <= proven
+
+    with patch.object(cpu_vec_isa.VecISA, "check_build", check_build_as_proven):
         yield
 
 
-def picked_vec_isa(device: torch.device) -> str | None:
+def picked_vec_isa(device: torch.device) -> dict | None:
+    """The ISA Inductor builds CPU kernels for, and the compiler flags it
+    implies (extensions included): what a warm load on this processor trusts."""
     if device.type != "cpu":
         return None
     from torch._inductor import cpu_vec_isa
 
-    return str(cpu_vec_isa.pick_vec_isa())
+    isa = cpu_vec_isa.pick_vec_isa()
+    return {"name": str(isa), "flags": isa.build_arch_flags()}
 
 
 def source_hashes(source_info) -> dict[str, str]:
