@@ -161,7 +161,7 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
         vcompile.VcompileFunction.serialize_compile_artifacts = classmethod(
             lambda cls, fn: pickle.dumps({k: v for k, v in fn.state.items() if k != drop_field}))
     if pause_before_rename is not None:
-        vcompile.CompiledModel._load = lambda self: None
+        vcompile.load_aot_artifact = lambda *args: None
         real_replace = os.replace
 
         def replace_after_a_pause(src, dst):
@@ -1251,7 +1251,7 @@ def test_constants_in_the_attention_piece_survive_a_warm_load(device, cold_cache
 
 
 # =============================================================================
-# 9. Serializable compiled function (vLLM PR 40151)
+# 9. Serializable compiled function: save and load (vLLM PR 40151)
 # =============================================================================
 
 
@@ -1309,8 +1309,103 @@ def test_artifact_files_are_checked_before_use(tmp_path):
             vcompile.read_artifact(path)
 
 
+EDITED_MODEL = """
+import bench
+
+SCALE = {scale}
+
+
+class ScaledDecoder(bench.Decoder):
+    def forward(self, input_ids):
+        return super().forward(input_ids) * SCALE
+"""
+
+
+def child_edited_model(root: str, module_dir: str, device: str, seed: str | None = None) -> dict:
+    sys.path.insert(0, module_dir)
+    import edited_model
+    logs = record_logs()
+    torch.manual_seed(0)
+    model = edited_model.ScaledDecoder().to(device)
+    cfg = CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root, **SMALL_CONFIG)
+    seed_inductor_cache(model, cfg, device, seed)
+    fn = vcompile.compile(model, cfg)
+    errors = max_error(fn, model, [9, 4], device)
+    with torch.no_grad():
+        first = fn(token_ids(5, device))[0, 0].item()
+    return {"counters": counter_values(), "errors": errors, "logs": logs.lines, "value": first}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_edited_model_source_recompiles_with_a_warning(device, cold_cache, tmp_path):
+    module_dir, root = tmp_path / "src", tmp_path / "cache"
+    module_dir.mkdir()
+    source = module_dir / "edited_model.py"
+    source.write_text(EDITED_MODEL.format(scale="1.0"))
+    env = {"PYTHONDONTWRITEBYTECODE": "1"}
+    args = dict(root=str(root), module_dir=str(module_dir), device=device, env=env)
+    cold = run_child("child_edited_model", seed=cold_cache(device)["hash_dir"], **args)
+    source.write_text(EDITED_MODEL.format(scale="-2.0"))
+    edited = run_child("child_edited_model", **args)
+    again = run_child("child_edited_model", **args)
+    assert_counters(edited, num_aot_compiles=1, num_aot_artifacts_loaded=0)
+    warnings = [line for line in edited["logs"] if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "Compiling model again due to a load failure from" in warnings[0]
+    assert f"{source} changed since it was compiled" in warnings[0]
+    assert edited["value"] == pytest.approx(-2.0 * cold["value"], rel=1e-4)  # not the stale artifact
+    assert_counters(again, **WARM)
+    for result in (cold, edited, again):
+        assert_matches_eager(result, device)
+
+
 # =============================================================================
-# 10. The backend, and compile()
+# 10. The backend
+# =============================================================================
+
+
+def backend_inputs(model, *args, dynamic: bool = True) -> tuple[fx.GraphModule, list]:
+    """What Dynamo hands a backend for model(*args): the graph, and the
+    values to call it with (its example inputs, each size symbol's value in
+    its place), dim 0 of args[0] dynamic unless told otherwise."""
+    captured = []
+    if dynamic:
+        torch._dynamo.mark_dynamic(args[0], 0)
+    torch.compile(model, backend=lambda gm, inputs: captured.append((gm, inputs)) or gm.forward, fullgraph=True,
+                  dynamic=False)(*args)
+    gm, inputs = captured[0]
+    return gm, [v.node.hint if isinstance(v, torch.SymInt) else v for v in inputs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_backend_compiles_every_piece_and_returns_a_saveable_function(device):
+    model, ids = decoder(device), token_ids(9, device)
+    gm, inputs = backend_inputs(model, ids)
+    pieces, entries = 3, 3
+    with counters.expect(num_graphs_seen=1, num_piecewise_graphs_seen=5, num_piecewise_capturable_graphs_seen=pieces,
+                         num_inductor_compiles=pieces * entries, num_fx_graph_deserializations=0):
+        fn = vcompile.backend(gm, inputs, config=config(**SMALL_CONFIG))
+    state = fn.state
+    assert state["entries"] == [(4, 4), (1, 8), (9, 32)]
+    assert state["submod_names"] == ["submod_0", "submod_2", "submod_4"] and "def execution_fn(" in state["code"]
+    assert all(len(piece["artifacts"]) == entries for piece in state["pieces"].values())
+    # Each unique artifact is stored once: a piece's two ranges compile to the same bytes.
+    assert set(state["blobs"]) == {d for piece in state["pieces"].values() for d in piece["artifacts"]}
+    assert len(state["blobs"]) < pieces * entries
+    with torch.no_grad():
+        want = model(ids)
+        torch.testing.assert_close(fn(*inputs)[0], want, atol=TOL[device], rtol=TOL[device])
+        with counters.expect(num_compiled_artifacts_loaded=len(state["blobs"]), num_inductor_compiles=0):
+            loaded = vcompile.VcompileFunction.deserialize_compile_artifacts(
+                vcompile.VcompileFunction.serialize_compile_artifacts(fn))
+        torch.testing.assert_close(loaded(*inputs)[0], want, atol=TOL[device], rtol=TOL[device])
+    torch._dynamo.reset()
+    static_gm, static_inputs = backend_inputs(model, token_ids(9, device), dynamic=False)
+    with pytest.raises(RuntimeError, match="no input dimension stayed dynamic"):
+        vcompile.backend(static_gm, static_inputs, config=config(**SMALL_CONFIG))
+
+
+# =============================================================================
+# 11. The first call: load, or compile and save, or trace
 # =============================================================================
 
 
@@ -1371,53 +1466,9 @@ def test_jit_mode_traces_every_start_and_loads_every_piece(device, cold_cache, t
     assert_matches_eager(warm, device)
 
 
-EDITED_MODEL = """
-import bench
-
-SCALE = {scale}
-
-
-class ScaledDecoder(bench.Decoder):
-    def forward(self, input_ids):
-        return super().forward(input_ids) * SCALE
-"""
-
-
-def child_edited_model(root: str, module_dir: str, device: str, seed: str | None = None) -> dict:
-    sys.path.insert(0, module_dir)
-    import edited_model
-    logs = record_logs()
-    torch.manual_seed(0)
-    model = edited_model.ScaledDecoder().to(device)
-    cfg = CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root, **SMALL_CONFIG)
-    seed_inductor_cache(model, cfg, device, seed)
-    fn = vcompile.compile(model, cfg)
-    errors = max_error(fn, model, [9, 4], device)
-    with torch.no_grad():
-        first = fn(token_ids(5, device))[0, 0].item()
-    return {"counters": counter_values(), "errors": errors, "logs": logs.lines, "value": first}
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_an_edited_model_source_recompiles_with_a_warning(device, cold_cache, tmp_path):
-    module_dir, root = tmp_path / "src", tmp_path / "cache"
-    module_dir.mkdir()
-    source = module_dir / "edited_model.py"
-    source.write_text(EDITED_MODEL.format(scale="1.0"))
-    env = {"PYTHONDONTWRITEBYTECODE": "1"}
-    args = dict(root=str(root), module_dir=str(module_dir), device=device, env=env)
-    cold = run_child("child_edited_model", seed=cold_cache(device)["hash_dir"], **args)
-    source.write_text(EDITED_MODEL.format(scale="-2.0"))
-    edited = run_child("child_edited_model", **args)
-    again = run_child("child_edited_model", **args)
-    assert_counters(edited, num_aot_compiles=1, num_aot_artifacts_loaded=0)
-    warnings = [line for line in edited["logs"] if line.startswith("WARNING")]
-    assert len(warnings) == 1 and "Compiling model again due to a load failure from" in warnings[0]
-    assert f"{source} changed since it was compiled" in warnings[0]
-    assert edited["value"] == pytest.approx(-2.0 * cold["value"], rel=1e-4)  # not the stale artifact
-    assert_counters(again, **WARM)
-    for result in (cold, edited, again):
-        assert_matches_eager(result, device)
+# =============================================================================
+# 12. What a save cannot carry: models people bring
+# =============================================================================
 
 
 # --- models people bring: decorated forwards, structured outputs, keywords, (1, T) inputs
@@ -1648,58 +1699,8 @@ def test_hugging_face_decoders_compile_and_start_warm(device, name, tmp_path):
     assert warm["swapped_error"] <= TOL[device] and warm["swap_changed"] > 1e-3
 
 
-def test_bench_runs_a_hugging_face_llama(tmp_path):
-    pytest.importorskip("transformers")
-    dirs = bench.case_dirs(str(tmp_path))
-    kwargs = dict(layers=2, device="cpu", dirs=dirs, model_kwargs={**bench.MODEL, "hidden": 64}, iters=2,
-                  model_name="hf-llama")
-    cold, warm = (bench.spawn_once(case, **kwargs) for case in ("vcompile_cold", "vcompile_warm"))
-    assert cold["max_error"] <= 1e-3 and warm["max_error"] <= 1e-3
-    if AOT_WRAPS_HF:
-        assert warm["counters"]["num_aot_artifacts_loaded"] == 1 and warm["counters"]["num_inductor_compiles"] == 0
-
-
-def test_bench_hf_model_without_transformers_says_so():
-    code = ("import sys, runpy; sys.modules['transformers'] = None; "
-            "sys.argv = ['bench.py', '--model', 'hf-llama']; runpy.run_path('bench.py', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "--model hf-llama needs transformers, which is not installed (pip install transformers)" in proc.stderr
-
-
-# --- bench.py ---------------------------------------------------------------
-
-
-def test_bench_quick_run_reports_every_case(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--layers", "2", "--hidden", "64", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
-    assert {"device", "device_name", "torch", "date"} <= set(report)
-    results = report["results"]["2"]
-    assert set(results) == set(bench.CASES)
-    for case, result in results.items():
-        assert result["first_output_s"] > result["import_s"] > 0 and result["steady_ms"] > 0, case
-        assert result["max_error"] <= 1e-3, case  # every case computed the decoder
-    assert results["vcompile_warm"]["counters"]["num_aot_artifacts_loaded"] == 1
-    assert results["vcompile_warm"]["counters"]["num_inductor_compiles"] == 0
-    assert results["vcompile_warm_nocodegen"]["counters"]["num_fx_graph_deserializations"] == 1
-    assert results["vcompile_warm_jit"]["counters"]["num_inductor_compiles"] == 0
-    assert set(report["ratios"]["per_depth"]["2"]) >= {"warm_overhead_stock_over_vcompile", "steady_vcompile_over_stock"}
-    assert "warm start goes" in proc.stdout  # the table
-
-
-def test_bench_plot_without_matplotlib_says_so(tmp_path):
-    # sys.modules[name] = None makes the import fail, installed or not.
-    code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
-            f"sys.argv = ['bench.py', '--plot', {str(tmp_path / 'x.png')!r}]; runpy.run_path('bench.py', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--plot needs matplotlib, which is not installed" in proc.stderr
-
-
 # =============================================================================
-# 11. The cache from the command line
+# 13. The cache from the command line
 # =============================================================================
 
 
@@ -1731,3 +1732,55 @@ def test_the_cache_command_lists_and_removes_hash_folders(device, cold_cache, tm
     removed = vcompile_cli("cache", str(tmp_path), "--remove", name)
     assert removed.returncode == 0 and not os.path.exists(copy)
     assert set(json.loads(vcompile_cli("cache", str(tmp_path), "--json").stdout)[0]) >= {"hash", "last_loaded"}
+
+
+# =============================================================================
+# bench.py (not a section of vcompile.py): its cases and its Hugging Face model
+# =============================================================================
+
+
+def test_bench_runs_a_hugging_face_llama(tmp_path):
+    pytest.importorskip("transformers")
+    dirs = bench.case_dirs(str(tmp_path))
+    kwargs = dict(layers=2, device="cpu", dirs=dirs, model_kwargs={**bench.MODEL, "hidden": 64}, iters=2,
+                  model_name="hf-llama")
+    cold, warm = (bench.spawn_once(case, **kwargs) for case in ("vcompile_cold", "vcompile_warm"))
+    assert cold["max_error"] <= 1e-3 and warm["max_error"] <= 1e-3
+    if AOT_WRAPS_HF:
+        assert warm["counters"]["num_aot_artifacts_loaded"] == 1 and warm["counters"]["num_inductor_compiles"] == 0
+
+
+def test_bench_hf_model_without_transformers_says_so():
+    code = ("import sys, runpy; sys.modules['transformers'] = None; "
+            "sys.argv = ['bench.py', '--model', 'hf-llama']; runpy.run_path('bench.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--model hf-llama needs transformers, which is not installed (pip install transformers)" in proc.stderr
+
+
+def test_bench_quick_run_reports_every_case(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--layers", "2", "--hidden", "64", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert {"device", "device_name", "torch", "date"} <= set(report)
+    results = report["results"]["2"]
+    assert set(results) == set(bench.CASES)
+    for case, result in results.items():
+        assert result["first_output_s"] > result["import_s"] > 0 and result["steady_ms"] > 0, case
+        assert result["max_error"] <= 1e-3, case  # every case computed the decoder
+    assert results["vcompile_warm"]["counters"]["num_aot_artifacts_loaded"] == 1
+    assert results["vcompile_warm"]["counters"]["num_inductor_compiles"] == 0
+    assert results["vcompile_warm_nocodegen"]["counters"]["num_fx_graph_deserializations"] == 1
+    assert results["vcompile_warm_jit"]["counters"]["num_inductor_compiles"] == 0
+    assert set(report["ratios"]["per_depth"]["2"]) >= {"warm_overhead_stock_over_vcompile", "steady_vcompile_over_stock"}
+    assert "warm start goes" in proc.stdout  # the table
+
+
+def test_bench_plot_without_matplotlib_says_so(tmp_path):
+    # sys.modules[name] = None makes the import fail, installed or not.
+    code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
+            f"sys.argv = ['bench.py', '--plot', {str(tmp_path / 'x.png')!r}]; runpy.run_path('bench.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--plot needs matplotlib, which is not installed" in proc.stderr

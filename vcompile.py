@@ -15,9 +15,11 @@ The sections follow the data, top to bottom:
    6. compiler manager, in-memory cache        vLLM PR 41023
    7. piecewise interpreter, range dispatch    vLLM PR 35472
    8. codegen with inlined submodules          vLLM PR 40151
-   9. serializable compiled function           vLLM PR 40151
-  10. backend and compile()
-  11. the cache from the command line: python -m vcompile cache
+   9. serializable compiled function: save and load   vLLM PR 40151
+  10. the backend
+  11. the first call: load, or compile and save, or trace
+  12. what a save cannot carry: models people bring
+  13. the cache from the command line: python -m vcompile cache
 
 Usage:
     fn = vcompile.compile(model, vcompile.CompilationConfig(splitting_ops=["my::attention"]))
@@ -188,6 +190,11 @@ class CompilationCounter:
 
 
 counters = CompilationCounter()
+
+
+def describe(e: Exception) -> str:
+    """An exception as one log line: its type and its message's first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
 
 # =============================================================================
 # 2. Monitor (vLLM PR 40641)
@@ -401,6 +408,26 @@ def factor_differences(old: dict, new: dict) -> list[str]:
         else:
             out.append(f"{key}: {short(a)} -> {short(b)}")
     return out
+
+
+def record_cold_start(cache: CacheDir, factors: dict) -> None:
+    """Nothing to load for this hash: say why, and leave this folder's
+    factors for the next miss and for `python -m vcompile cache`."""
+    try:
+        explain_miss(cache, factors)
+        if cache.writable:
+            write_atomically(os.path.join(cache.hash_dir, FACTORS_FILE),
+                             json.dumps(factors, indent=1, default=str).encode())
+    except Exception as e:  # an explanation must never stop the model
+        logger.debug("vcompile: cannot explain or record this cache miss: %s", describe(e))
+
+
+def mark_loaded(cache: CacheDir) -> None:
+    # One utime per start (microseconds): the listing's "last loaded".
+    with contextlib.suppress(OSError):
+        path = os.path.join(cache.hash_dir, LAST_LOADED_FILE)
+        open(path, "a").close()
+        os.utime(path)
 
 
 @contextlib.contextmanager
@@ -947,7 +974,7 @@ def bind_execution_code(code: str, consts: list, submods: list[Callable]) -> Cal
 
 
 # =============================================================================
-# 9. Serializable compiled function (vLLM PR 40151)
+# 9. Serializable compiled function: save and load (vLLM PR 40151)
 #
 # What the backend returns, and what torch's AOT entry point saves. It holds
 # everything needed to rebuild the callable in another process: the compile
@@ -1026,421 +1053,69 @@ def load_split_graph(data: bytes) -> fx.GraphModule:
     return split_gm
 
 
-# =============================================================================
-# 10. The backend, and compile()
-#
-# AOT mode (default). Cold: torch's AOT entry point traces once, calls the
-# backend, and returns a function that is saved whole. Warm:
-# torch.compiler.load_compiled_function rebuilds it with no trace and no
-# compile. JIT mode: Dynamo traces at every start, and the backend loads each
-# piece's artifact from the same cache folder instead of compiling it.
-#
-# Model code people bring (Hugging Face decoders) broke the save: a decorated
-# forward keeps the original function in a closure that pickle cannot store
-# by name, and Dynamo's bytecode reads globals it installed while tracing,
-# which a fresh process lacks. Both are handed to torch's loader by vcompile.
-# What still cannot be saved to load back is found at save time, and that
-# model runs the JIT way, never compiling from scratch at every start.
-# =============================================================================
+# The AOT artifact, <rank dir>/model: torch's saved function, what the save
+# cannot carry (section 12), and the CPU vector ISA its kernels were built
+# for, in one file checked by sha256 like every artifact.
 
 
-def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConfig,
-            is_encoder: bool = False, pieces_dir: str | None = None) -> VcompileFunction:
-    counters.num_graphs_seen += 1
-    logger.info("Dynamo bytecode transform time: %.2f s", time.perf_counter() - _compile_started_at)
-    fakes = fake_args_from_graph(gm)
-    if not any(isinstance(d, torch.SymInt) for t in fakes if isinstance(t, torch.Tensor) for d in t.shape):
-        raise RuntimeError("vcompile: no input dimension stayed dynamic through tracing; the model "
-                           "specialized the token dimension (check dynamic_arg_dims)")
-
-    split_gm, pieces = split_graph(gm, config.splitting_ops)
-    counters.num_piecewise_graphs_seen += len(pieces)
-    compile_names = [name for name, is_splitting in pieces if not is_splitting]
-    entries = compile_entries(config, is_encoder)
-    manager = CompilerManager(pieces_dir)
-    interpreter = PiecewiseCompileInterpreter(split_gm, compile_names, entries, manager)
-    interpreter.run(*fakes)
-
-    blobs, live, pieces_state = {}, {}, {}
-    for name, piece in interpreter.compiled.items():
-        digests = []
-        for artifact in piece["artifacts"]:  # content hash: identical artifacts are stored once
-            data = manager.blobs[id(artifact)]
-            digest = hashlib.sha256(data).hexdigest()
-            blobs[digest], live[digest] = data, artifact
-            digests.append(digest)
-        pieces_state[name] = {**piece, "artifacts": digests}
-    state = {
-        "format": FORMAT_VERSION,
-        "entries": [(e.start, e.end) for e in entries],
-        "pieces": pieces_state,
-        "blobs": blobs,
-        "submod_names": compile_names,
-        "code": None, "consts": [], "split_graph": None,
-    }
-    if config.use_codegen:
-        state["code"], state["consts"] = generate_execution_code(split_gm, compile_names)
-    else:
-        state["split_graph"] = dump_split_graph(split_gm)
-    return VcompileFunction(state, link(state, live, split_gm))
-
-
-def compile(model: torch.nn.Module, config: CompilationConfig, *,
-            dynamic_arg_dims: dict[str, int] | None = None, is_encoder: bool = False) -> CompiledModel:
-    """Returns a callable with the model's forward signature. Its first call
-    loads from the cache or compiles everything; later calls only run."""
-    return CompiledModel(model, config, dynamic_arg_dims, is_encoder)
-
-
-_CONSTANT_TYPES = (bool, int, float, str, type(None))  # arguments Dynamo bakes into the graph, checked per call
-
-
-class CompiledModel:
-    """What compile() returns: call it as you would call the model."""
-
-    def __init__(self, model: torch.nn.Module, config: CompilationConfig,
-                 dynamic_arg_dims: dict[str, int] | None, is_encoder: bool):
-        self.model, self.config, self.is_encoder = model, config, is_encoder
-        self.dynamic_arg_dims = dynamic_arg_dims
-        self.__signature__ = inspect.signature(model.forward)
-        self.fn: Callable | None = None  # set by the first call that succeeds
-        self.input_specs: dict[str, tuple] = {}  # argument -> (dtype, ndim, device) compiled for
-        self.constants: dict[str, Any] = {}  # non-tensor argument -> the value traced into the graph
-        self.compiled_fn: VcompileFunction | None = None  # what the backend returned (cold only)
-        self.cache: CacheDir | None = None
-        self.factors: dict = {}  # what the cache hash is made of
-        self.device: torch.device | None = None
-        self.loaded_isa: dict | None = None  # the CPU vector ISA the loaded artifact was built for
-
-    def __call__(self, *args, **kwargs):
-        with torch.no_grad():  # inference: the pieces are compiled without a backward
-            if self.fn is None:
-                # The whole first call: computing the cache key and entering the
-                # cache folder import Inductor's runtime (1 s on CPU on torch
-                # 2.15), the first run loads kernels; a total that started at
-                # the load, or stopped there, would hide them.
-                with monitor_torch_compile(self.config, self.is_encoder):
-                    return self._first_call(args, kwargs)
-            self._check_inputs(args, kwargs)
-            return self.fn(*args, **kwargs)
-
-    def _bind(self, args, kwargs) -> dict[str, Any]:
-        bound = self.__signature__.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return bound.arguments
-
-    def _check_inputs(self, args, kwargs) -> None:
-        # Dynamo's guards are dropped (the graph must never be traced again), so
-        # nothing else would notice a tensor the artifacts were not built for,
-        # or a flag such as use_cache that was traced into the graph as a constant.
-        arguments = self._bind(args, kwargs)
-        for name, (dtype, ndim, device) in self.input_specs.items():
-            value = arguments.get(name)
-            if not isinstance(value, torch.Tensor) or (value.dtype, value.dim(), value.device) != (dtype, ndim, device):
-                got = (f"a {value.dim()}-d {value.dtype} tensor on {value.device}"
-                       if isinstance(value, torch.Tensor) else type(value).__name__)
-                raise TypeError(f"vcompile: argument '{name}' was compiled for a {ndim}-d {dtype} "
-                                f"tensor on {device}; got {got}")
-        for name, traced in self.constants.items():
-            value = arguments.get(name)
-            if type(value) is not type(traced) or value != traced:
-                got = repr(value) if type(value) in _CONSTANT_TYPES else f"a {type(value).__name__}"
-                raise ValueError(f"vcompile: argument '{name}' was compiled as {traced!r}; got {got} "
-                                 "(non-tensor arguments are constants of the traced graph)")
-
-    def _first_call(self, args, kwargs):
-        arguments = self._bind(args, kwargs)
-        tensors = {n: v for n, v in arguments.items() if isinstance(v, torch.Tensor)}
-        dims = self.dynamic_arg_dims if self.dynamic_arg_dims is not None else {n: 0 for n in tensors}
-        for name, dim in dims.items():
-            if name not in tensors or not -tensors[name].dim() <= dim < tensors[name].dim():
-                raise ValueError(f"vcompile: dynamic_arg_dims names {name}:{dim}, which is not a "
-                                 f"dimension of a tensor argument of {type(self.model).__name__}.forward")
-        if not dims:
-            raise ValueError("vcompile: no tensor argument to make dynamic")
-        entries = compile_entries(self.config, self.is_encoder)
-        for name, dim in dims.items():  # before any compile work, not after it
-            find_entry(tensors[name].shape[dim], entries)
-        self.input_specs = {n: (v.dtype, v.dim(), v.device) for n, v in tensors.items()}
-        self.constants = {n: v for n, v in arguments.items() if type(v) in _CONSTANT_TYPES}
-        self.device = next(self.model.parameters(), next(iter(tensors.values()))).device
-        self.factors = cache_key_factors(self.model, self.config, self.is_encoder, dims, self.device)
-        self.cache = open_cache_dir(self.factors, self.config)
-
-        with inductor_cache_dir(self.cache):
-            if not self.config.use_aot or self._aot_unavailable() is not None:
-                warm = self.cache is not None and self.cache.has_pieces()
-                if not self.config.use_aot and self.cache is not None and not warm:
-                    self._cold_start()
-                out = self._jit_first_call(args, kwargs, dims)
-                if warm:
-                    self._mark_loaded()
-                return out
-            loaded = self._load()
-            aot_fn = loaded or self._aot_compile_and_save(args, kwargs, dims)
-            if aot_fn is None:  # cannot be saved to load back: this once, compile the JIT way too
-                return self._jit_first_call(args, kwargs, dims)
-            # Guards were filtered out at compile time; skip checking the empty set on every call.
-            aot_fn.disable_guard_check()
-            self.fn = functools.partial(aot_fn, self.model)
-            with known_vec_isa(self.device, self.loaded_isa) if loaded else contextlib.nullcontext():
-                return self.fn(*args, **kwargs)  # first run: kernels load into the cache folder
-
-    def _jit_first_call(self, args, kwargs, dims):
-        global _compile_started_at
-        _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here, after any AOT attempt
-        writable = self.cache is not None and self.cache.writable
-        compiled = self._torch_compile(pieces_dir=self.cache.pieces_dir if writable else None)
-        trace_args, trace_kwargs = self._trace_inputs(args, kwargs, dims)
-        with _tracing_patches():
-            # Dynamo traces, the backend compiles or loads every piece, then
-            # the call runs: in JIT mode they cannot be separated.
-            out = compiled(*trace_args, **trace_kwargs)
-            if trace_args is not args:
-                out = compiled(*args, **kwargs)
-        self.fn = compiled
-        return out
-
-    def _torch_compile(self, pieces_dir: str | None):
-        # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
-        # default in torch 2.13, not in every earlier release.
-        with torch._dynamo.config.patch(enable_aot_compile=True):
-            return torch.compile(
-                self.model.forward, fullgraph=True, dynamic=False,
-                backend=functools.partial(self._backend, pieces_dir=pieces_dir),
-                # The graph is traced once and never re-checked: guards would only
-                # cost time per call, and a failed one would mean a recompile.
-                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
-
-    def _backend(self, gm, example_inputs, pieces_dir=None):
-        self.compiled_fn = backend(gm, example_inputs, config=self.config, is_encoder=self.is_encoder,
-                                   pieces_dir=pieces_dir)
-        return self.compiled_fn
-
-    def _trace_inputs(self, args, kwargs, dims) -> tuple[tuple, dict]:
-        """The inputs Dynamo traces, their token dims marked dynamic.
-
-        vLLM traces a dummy batch of max_num_batched_tokens, never a caller's.
-        vcompile traces the first call's inputs, and at one token a trace
-        takes stride decisions that hold only there: a transpose of a size-1
-        dim is contiguous, so `.contiguous()` and `reshape` become views, and
-        with the guards dropped those views then run at every size (a Hugging
-        Face Llama gave NaN). A one-token call is traced at two tokens, its
-        tensors repeated along the token dim.
-        """
-        bound = self.__signature__.bind(*args, **kwargs)
-        if self.config.max_num_batched_tokens > 1 and any(bound.arguments[n].shape[d] == 1 for n, d in dims.items()):
-            for name, dim in dims.items():
-                value = bound.arguments[name]
-                bound.arguments[name] = value.repeat(*[2 if d == dim % value.dim() else 1 for d in range(value.dim())])
-            args, kwargs = bound.args, bound.kwargs
-        for name, dim in dims.items():
-            torch._dynamo.mark_dynamic(bound.arguments[name], dim)
-        return args, kwargs
-
-    def _aot_compile_and_save(self, args, kwargs, dims):
-        global _compile_started_at
-        compiled = self._torch_compile(pieces_dir=None)
-        self.compiled_fn = None  # set by the backend: then any failure is torch's, wrapping its result
-        trace_inputs = self._trace_inputs(args, kwargs, dims)
-        _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here
-        module_globals = set(self.model.forward.__globals__)
+def save_aot_artifact(cache: CacheDir, aot_fn, model: torch.nn.Module, installed: dict[str, Any],
+                      device: torch.device, state: dict) -> bool:
+    """Saves the whole compiled function. False when it cannot be saved so
+    that it loads back, ever; the model is marked to run the JIT way."""
+    path = cache.model_path
+    try:
+        tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.raw"
         try:
-            with _tracing_patches():
-                aot_fn = compiled.aot_compile(trace_inputs)
-        except Exception as e:
-            if self.compiled_fn is None:  # the model itself failed to trace or compile
-                raise
-            # The backend finished; torch failed to wrap its result for saving
-            # (torch 2.11 cannot resolve a builtin that a Hugging Face forward
-            # reads, "Missing required external references: ['type']").
-            self._mark_aot_unavailable(None, describe(e))
-            return None
-        counters.num_aot_compiles += 1
-        # Dynamo's bytecode reads names it installed in the forward's module
-        # while tracing (aliases such as ___module_collections_<id>, to rebuild
-        # a ModelOutput); a fresh process has none of them.
-        installed = {k: v for k, v in aot_fn.fn.__globals__.items() if k not in module_globals}
-        if self.cache is not None and self.cache.writable and not self._save(aot_fn, installed):
-            return None
-        return aot_fn
-
-    def _save(self, aot_fn, installed: dict[str, Any]) -> bool:
-        """False when the artifact cannot be saved to load back, ever."""
-        path = self.cache.model_path
-        try:
-            tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.raw"
-            try:
-                aot_fn.save_compiled_function(tmp, external_data=external_refs(self.model))
-                with open(tmp, "rb") as f:
-                    payload = f.read()
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            saved = {
-                "aot": payload,
-                "modules": {name: v.__name__ for name, v in installed.items() if inspect.ismodule(v)},
-                "vec_isa": picked_vec_isa(self.device),
-            }
-            self._check_loadable(saved, installed)
-            write_artifact(path, pickle.dumps(saved, protocol=pickle.HIGHEST_PROTOCOL))
-            if self.compiled_fn.state["code"] is not None:  # for people to read; never loaded
-                write_atomically(f"{path}.py", self.compiled_fn.state["code"].encode())
-        except OSError as e:  # a full or vanishing disk: the next start may save
-            logger.warning("vcompile: could not save the compiled model to %s: %s", path, e)
-            return True
-        except Exception as e:  # anything else comes back at every start: never let it stop the model
-            self._mark_aot_unavailable(aot_fn, describe(e))
-            return False
-        counters.num_aot_artifacts_saved += 1
-        counters.num_compiled_artifacts_saved += len(self.compiled_fn.state["blobs"])
-        logger.info("Saved the compiled model to %s", path)
+            aot_fn.save_compiled_function(tmp, external_data=external_refs(model))
+            with open(tmp, "rb") as f:
+                payload = f.read()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        saved = {
+            "aot": payload,
+            "modules": {name: v.__name__ for name, v in installed.items() if inspect.ismodule(v)},
+            "vec_isa": picked_vec_isa(device),
+        }
+        check_loadable(saved, model, installed)
+        write_artifact(path, pickle.dumps(saved, protocol=pickle.HIGHEST_PROTOCOL))
+        if state["code"] is not None:  # for people to read; never loaded
+            write_atomically(f"{path}.py", state["code"].encode())
+    except OSError as e:  # a full or vanishing disk: the next start may save
+        logger.warning("vcompile: could not save the compiled model to %s: %s", path, e)
         return True
-
-    def _check_loadable(self, saved: dict, installed: dict[str, Any]) -> None:
-        """Runs torch's loader on what is about to be saved, with the globals a
-        fresh process will have: a model whose artifact cannot load back is
-        found out now, not by compiling from scratch at every start. The
-        compiled pieces are left out (each unique artifact is Inductor's own
-        format, and its file is checked by sha256 at load)."""
-        fresh_globals = {k: v for k, v in self.model.forward.__globals__.items() if k not in installed}
-        without_pieces = classmethod(lambda cls, data: cls({}, None))
-        with patch.object(VcompileFunction, "deserialize_compile_artifacts", without_pieces):
-            load_aot_function(saved, self.model, fresh_globals)
-
-    def _mark_aot_unavailable(self, aot_fn, reason: str) -> None:
-        """The AOT artifact cannot be saved so that it loads back, and nothing
-        will change that before the next start: left alone, every start would
-        compile from scratch and fail to save again. Mark the folder instead;
-        this start and the later ones run the JIT way (use_aot=False), whose
-        per-piece artifacts load with no Inductor compile after the first."""
-        if self.cache is None or not self.cache.writable:
-            logger.warning("vcompile: the compiled model cannot be saved to load back: %s", reason)
-            return
-        marker = self.cache.unavailable_path
-        # Edit the model's code and AOT is tried again: the sources Dynamo
-        # traced, or without them the file that defines the model's class.
-        try:
-            model_file = inspect.getmodule(type(self.model))
-            sources = (source_hashes(aot_fn.source_info()) if aot_fn is not None else
-                       {model_file.__name__: hashlib.sha256(inspect.getsource(model_file).encode()).hexdigest()})
-        except (OSError, TypeError):  # a model typed into `python -c` has no source file
-            sources = {}
-        try:
-            write_atomically(marker, json.dumps({"reason": reason, "sources": sources}, indent=1).encode())
-        except OSError as e:
-            logger.warning("vcompile: the compiled model cannot be saved to load back (%s), and %s cannot be "
-                           "written (%s)", reason, marker, e)
-            return
-        logger.warning("vcompile: warm start from an AOT artifact is unavailable for this model: %s. It runs "
-                       "as with use_aot=False instead: each start traces it with Dynamo and loads its compiled "
-                       "pieces from %s (delete %s to try AOT again)", reason, self.cache.pieces_dir, marker)
-
-    def _aot_unavailable(self) -> str | None:
-        """Why this model's AOT artifact could not be saved, if an earlier
-        start found out and the model's sources are the ones it saw then."""
-        if self.cache is None:
-            return None
-        marker = self.cache.unavailable_path
-        try:
-            with open(marker) as f:
-                record = json.load(f)
-            check_sources_unchanged(record["sources"])
-        except FileNotFoundError:
-            return None
-        except Exception:  # edited sources, or an unreadable marker: try AOT again
-            with contextlib.suppress(OSError):
-                os.unlink(marker)
-            return None
-        if os.environ.get("VCOMPILE_FORCE_AOT_LOAD") == "1":
-            raise RuntimeError(f"vcompile: no AOT artifact can be loaded for this model ({record['reason']}, "
-                               f"recorded in {marker}) and VCOMPILE_FORCE_AOT_LOAD=1")
-        logger.info("Warm start from the AOT artifact is unavailable for this model (%s); Dynamo traces it "
-                    "and its compiled pieces load from %s", record["reason"], self.cache.pieces_dir)
-        return record["reason"]
-
-    def _load(self):
-        if self.cache is None:
-            return None
-        path = self.cache.model_path
-        force = os.environ.get("VCOMPILE_FORCE_AOT_LOAD") == "1"
-        if not force and not os.path.exists(path):
-            self._cold_start()
-            return None
-        try:
-            saved = pickle.loads(read_artifact(path))
-            self.loaded_isa = saved["vec_isa"]
-            with known_vec_isa(self.device, self.loaded_isa):
-                aot_fn = load_aot_function(saved, self.model, self.model.forward.__globals__)
-            check_sources_unchanged(source_hashes(aot_fn.source_info()))
-        except Exception as e:
-            reason = describe(e)
-            if force:
-                raise RuntimeError(f"vcompile: cannot load {path} ({reason}) and VCOMPILE_FORCE_AOT_LOAD=1") from e
-            logger.warning("Compiling model again due to a load failure from %s, reason: %s", path, reason)
-            return None
-        counters.num_aot_artifacts_loaded += 1
-        logger.info("Loaded the compiled model from %s", path)
-        self._mark_loaded()
-        return aot_fn
-
-    def _cold_start(self) -> None:
-        """Nothing to load for this hash: say why, and leave this folder's
-        factors for the next miss and for `python -m vcompile cache`."""
-        try:
-            explain_miss(self.cache, self.factors)
-            if self.cache.writable:
-                write_atomically(os.path.join(self.cache.hash_dir, FACTORS_FILE),
-                                 json.dumps(self.factors, indent=1, default=str).encode())
-        except Exception as e:  # an explanation must never stop the model
-            logger.debug("vcompile: cannot explain or record this cache miss: %s", describe(e))
-
-    def _mark_loaded(self) -> None:
-        # One utime per start (microseconds): the listing's "last loaded".
-        with contextlib.suppress(OSError):
-            path = os.path.join(self.cache.hash_dir, LAST_LOADED_FILE)
-            open(path, "a").close()
-            os.utime(path)
+    except Exception as e:  # anything else comes back at every start: never let it stop the model
+        mark_aot_unavailable(cache, model, aot_fn, describe(e))
+        return False
+    counters.num_aot_artifacts_saved += 1
+    counters.num_compiled_artifacts_saved += len(state["blobs"])
+    logger.info("Saved the compiled model to %s", path)
+    return True
 
 
-def describe(e: Exception) -> str:
-    """An exception as one log line: its type and its message's first line."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
-
-
-def load_aot_function(saved: dict, model: torch.nn.Module, f_globals: dict[str, Any]):
-    """torch's AOT loader, given back what the save could not carry: the
-    modules Dynamo's bytecode reads as installed globals, and the objects
-    handed to the save as external data, rebuilt from this process's model."""
-    f_globals = {**f_globals, **{name: importlib.import_module(m) for name, m in saved["modules"].items()}}
-    return torch.compiler.load_compiled_function(io.BytesIO(saved["aot"]), f_globals=f_globals,
-                                                 external_data=external_refs(model))
-
-
-def external_refs(model: torch.nn.Module) -> dict[str, Any]:
-    """What the saved function may hold that pickle cannot restore by name,
-    under keys that another process computes the same way from its own model.
-
-    A decorated forward (functools.wraps, as Hugging Face wraps its models')
-    is a wrapper whose closure holds the original function. Pickle stores a
-    function by its qualified name, finds the wrapper under that name, and
-    refuses ("it's not the same object as ...LlamaModel.forward"). Modules are
-    not pickled either: they hold the weights, which stay live.
-    """
-    refs: dict[str, Any] = {f"module:{name}": m for name, m in model.named_modules()}
-    seen: set[int] = set()
-    todo = [("forward", getattr(model.forward, "__func__", model.forward))]
-    while todo:
-        key, fn = todo.pop()
-        if not inspect.isfunction(fn) or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        refs[key] = fn
-        todo.append((f"{key}.__wrapped__", getattr(fn, "__wrapped__", None)))
-        for i, cell in enumerate(fn.__closure__ or ()):
-            with contextlib.suppress(ValueError):  # a cell not yet filled
-                todo.append((f"{key}.<cell {i}>", cell.cell_contents))
-    return refs
+def load_aot_artifact(cache: CacheDir, model: torch.nn.Module, device: torch.device, factors: dict):
+    """(torch's loaded function, the vector ISA its kernels were built for),
+    or None: nothing saved for this hash yet, or a file that cannot be used
+    (damaged, foreign, stale), which this start compiles again and replaces."""
+    path = cache.model_path
+    force = os.environ.get("VCOMPILE_FORCE_AOT_LOAD") == "1"
+    if not force and not os.path.exists(path):
+        record_cold_start(cache, factors)
+        return None
+    try:
+        saved = pickle.loads(read_artifact(path))
+        with known_vec_isa(device, saved["vec_isa"]):
+            aot_fn = load_aot_function(saved, model, model.forward.__globals__)
+        check_sources_unchanged(source_hashes(aot_fn.source_info()))
+    except Exception as e:
+        if force:
+            raise RuntimeError(f"vcompile: cannot load {path} ({describe(e)}) and VCOMPILE_FORCE_AOT_LOAD=1") from e
+        logger.warning("Compiling model again due to a load failure from %s, reason: %s", path, describe(e))
+        return None
+    counters.num_aot_artifacts_loaded += 1
+    logger.info("Loaded the compiled model from %s", path)
+    mark_loaded(cache)
+    return aot_fn, saved["vec_isa"]
 
 
 @contextlib.contextmanager
@@ -1498,6 +1173,260 @@ def check_sources_unchanged(hashes: dict[str, str]) -> None:
             raise ValueError(f"source file {inspect.getsourcefile(module)} changed since it was compiled")
 
 
+# =============================================================================
+# 10. The backend
+#
+# What Dynamo calls with the graph it traced: split it (section 4), compile
+# every piece for every entry (5 to 7), write the execution code (8), and
+# return the serializable function (9). It runs once per trace: in AOT mode
+# at a cold start only, in JIT mode at every start, where the compiler
+# manager loads each piece from the cache folder instead of compiling it.
+# =============================================================================
+
+
+def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConfig,
+            is_encoder: bool = False, pieces_dir: str | None = None) -> VcompileFunction:
+    counters.num_graphs_seen += 1
+    logger.info("Dynamo bytecode transform time: %.2f s", time.perf_counter() - _compile_started_at)
+    fakes = fake_args_from_graph(gm)
+    if not any(isinstance(d, torch.SymInt) for t in fakes if isinstance(t, torch.Tensor) for d in t.shape):
+        raise RuntimeError("vcompile: no input dimension stayed dynamic through tracing; the model "
+                           "specialized the token dimension (check dynamic_arg_dims)")
+
+    split_gm, pieces = split_graph(gm, config.splitting_ops)
+    counters.num_piecewise_graphs_seen += len(pieces)
+    compile_names = [name for name, is_splitting in pieces if not is_splitting]
+    entries = compile_entries(config, is_encoder)
+    manager = CompilerManager(pieces_dir)
+    interpreter = PiecewiseCompileInterpreter(split_gm, compile_names, entries, manager)
+    interpreter.run(*fakes)
+
+    blobs, live, pieces_state = {}, {}, {}
+    for name, piece in interpreter.compiled.items():
+        digests = []
+        for artifact in piece["artifacts"]:  # content hash: identical artifacts are stored once
+            data = manager.blobs[id(artifact)]
+            digest = hashlib.sha256(data).hexdigest()
+            blobs[digest], live[digest] = data, artifact
+            digests.append(digest)
+        pieces_state[name] = {**piece, "artifacts": digests}
+    state = {
+        "format": FORMAT_VERSION,
+        "entries": [(e.start, e.end) for e in entries],
+        "pieces": pieces_state,
+        "blobs": blobs,
+        "submod_names": compile_names,
+        "code": None, "consts": [], "split_graph": None,
+    }
+    if config.use_codegen:
+        state["code"], state["consts"] = generate_execution_code(split_gm, compile_names)
+    else:
+        state["split_graph"] = dump_split_graph(split_gm)
+    return VcompileFunction(state, link(state, live, split_gm))
+
+
+# =============================================================================
+# 11. The first call: load, or compile and save, or trace
+#
+# compile() only wraps the model. Its first call does the work, under the
+# monitor and inside the cache folder, in one of three ways:
+#   - load (AOT, warm): torch.compiler.load_compiled_function rebuilds the
+#     saved function, with no Dynamo trace and no Inductor compile;
+#   - compile and save (AOT, cold): torch's AOT entry point traces once and
+#     calls the backend, and the function it returns is saved whole;
+#   - trace (JIT: use_aot=False, or a model whose artifact cannot load back):
+#     Dynamo traces at every start, and the backend loads each piece saved
+#     by an earlier start instead of compiling it.
+# Later calls check their inputs against what was compiled, and run.
+# =============================================================================
+
+
+def compile(model: torch.nn.Module, config: CompilationConfig, *,
+            dynamic_arg_dims: dict[str, int] | None = None, is_encoder: bool = False) -> CompiledModel:
+    """Returns a callable with the model's forward signature. Its first call
+    loads from the cache or compiles everything; later calls only run."""
+    return CompiledModel(model, config, dynamic_arg_dims, is_encoder)
+
+
+_CONSTANT_TYPES = (bool, int, float, str, type(None))  # arguments Dynamo bakes into the graph, checked per call
+
+
+class CompiledModel:
+    """What compile() returns: call it as you would call the model."""
+
+    def __init__(self, model: torch.nn.Module, config: CompilationConfig,
+                 dynamic_arg_dims: dict[str, int] | None, is_encoder: bool):
+        self.model, self.config, self.is_encoder = model, config, is_encoder
+        self.dynamic_arg_dims = dynamic_arg_dims
+        self.__signature__ = inspect.signature(model.forward)
+        self.fn: Callable | None = None  # set by the first call that succeeds
+        self.input_specs: dict[str, tuple] = {}  # argument -> (dtype, ndim, device) compiled for
+        self.constants: dict[str, Any] = {}  # non-tensor argument -> the value traced into the graph
+        self.compiled_fn: VcompileFunction | None = None  # what the backend returned (cold only)
+        self.cache: CacheDir | None = None
+        self.factors: dict = {}  # what the cache hash is made of
+        self.device: torch.device | None = None
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():  # inference: the pieces are compiled without a backward
+            if self.fn is None:
+                # The whole first call: computing the cache key and entering the
+                # cache folder import Inductor's runtime (1 s on CPU on torch
+                # 2.15), the first run loads kernels; a total that started at
+                # the load, or stopped there, would hide them.
+                with monitor_torch_compile(self.config, self.is_encoder):
+                    return self._first_call(args, kwargs)
+            self._check_inputs(args, kwargs)
+            return self.fn(*args, **kwargs)
+
+    def _first_call(self, args, kwargs):
+        dims = self._bind_first_call(args, kwargs)
+        with inductor_cache_dir(self.cache):
+            if not self.config.use_aot or aot_unavailable(self.cache) is not None:
+                return self._trace(args, kwargs, dims)
+            loaded = load_aot_artifact(self.cache, self.model, self.device, self.factors) if self.cache else None
+            aot_fn, isa = loaded or (self._compile_and_save(args, kwargs, dims), None)
+            if aot_fn is None:  # cannot be saved to load back: this once, compile the JIT way too
+                return self._trace(args, kwargs, dims)
+            # Guards were filtered out at compile time; skip checking the empty set on every call.
+            aot_fn.disable_guard_check()
+            self.fn = functools.partial(aot_fn, self.model)
+            with known_vec_isa(self.device, isa):
+                return self.fn(*args, **kwargs)  # first run: kernels load into the cache folder
+
+    def _bind_first_call(self, args, kwargs) -> dict[str, int]:
+        """Checks the first call's inputs, records what later calls must
+        match, and opens the cache folder for them. Returns the dynamic dims."""
+        arguments = self._bind(args, kwargs)
+        tensors = {n: v for n, v in arguments.items() if isinstance(v, torch.Tensor)}
+        dims = self.dynamic_arg_dims if self.dynamic_arg_dims is not None else {n: 0 for n in tensors}
+        for name, dim in dims.items():
+            if name not in tensors or not -tensors[name].dim() <= dim < tensors[name].dim():
+                raise ValueError(f"vcompile: dynamic_arg_dims names {name}:{dim}, which is not a "
+                                 f"dimension of a tensor argument of {type(self.model).__name__}.forward")
+        if not dims:
+            raise ValueError("vcompile: no tensor argument to make dynamic")
+        entries = compile_entries(self.config, self.is_encoder)
+        for name, dim in dims.items():  # before any compile work, not after it
+            find_entry(tensors[name].shape[dim], entries)
+        self.input_specs = {n: (v.dtype, v.dim(), v.device) for n, v in tensors.items()}
+        self.constants = {n: v for n, v in arguments.items() if type(v) in _CONSTANT_TYPES}
+        self.device = next(self.model.parameters(), next(iter(tensors.values()))).device
+        self.factors = cache_key_factors(self.model, self.config, self.is_encoder, dims, self.device)
+        self.cache = open_cache_dir(self.factors, self.config)
+        return dims
+
+    def _compile_and_save(self, args, kwargs, dims):
+        """The AOT function, traced once and saved; None when it cannot be
+        saved so that it loads back (section 12)."""
+        global _compile_started_at
+        compiled = self._torch_compile(pieces_dir=None)
+        self.compiled_fn = None  # set by the backend: then any failure is torch's, wrapping its result
+        inputs = trace_inputs(self.__signature__, args, kwargs, dims, self.config)
+        module_globals = set(self.model.forward.__globals__)
+        _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here
+        try:
+            with _tracing_patches():
+                aot_fn = compiled.aot_compile(inputs)
+        except Exception as e:
+            if self.compiled_fn is None:  # the model itself failed to trace or compile
+                raise
+            # The backend finished; torch failed to wrap its result for saving.
+            mark_aot_unavailable(self.cache, self.model, None, describe(e))
+            return None
+        counters.num_aot_compiles += 1
+        if self.cache is None or not self.cache.writable:
+            return aot_fn
+        installed = installed_globals(aot_fn, module_globals)
+        saved = save_aot_artifact(self.cache, aot_fn, self.model, installed, self.device, self.compiled_fn.state)
+        return aot_fn if saved else None
+
+    def _trace(self, args, kwargs, dims):
+        """JIT mode: Dynamo traces, and the backend compiles each piece, or
+        loads it from the cache folder where an earlier start saved it."""
+        global _compile_started_at
+        warm = self.cache is not None and self.cache.has_pieces()
+        if not self.config.use_aot and self.cache is not None and not warm:
+            record_cold_start(self.cache, self.factors)
+        writable = self.cache is not None and self.cache.writable
+        compiled = self._torch_compile(pieces_dir=self.cache.pieces_dir if writable else None)
+        trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config)
+        _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here, after any AOT attempt
+        with _tracing_patches():
+            # Dynamo traces, the backend compiles or loads every piece, then
+            # the call runs: in JIT mode they cannot be separated.
+            out = compiled(*trace_args, **trace_kwargs)
+            if trace_args is not args:
+                out = compiled(*args, **kwargs)
+        self.fn = compiled
+        if warm:
+            mark_loaded(self.cache)
+        return out
+
+    def _torch_compile(self, pieces_dir: str | None):
+        # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
+        # default in torch 2.13, not in every earlier release.
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            return torch.compile(
+                self.model.forward, fullgraph=True, dynamic=False,
+                backend=functools.partial(self._backend, pieces_dir=pieces_dir),
+                # The graph is traced once and never re-checked: guards would only
+                # cost time per call, and a failed one would mean a recompile.
+                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+
+    def _backend(self, gm, example_inputs, pieces_dir=None):
+        self.compiled_fn = backend(gm, example_inputs, config=self.config, is_encoder=self.is_encoder,
+                                   pieces_dir=pieces_dir)
+        return self.compiled_fn
+
+    def _bind(self, args, kwargs) -> dict[str, Any]:
+        bound = self.__signature__.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return bound.arguments
+
+    def _check_inputs(self, args, kwargs) -> None:
+        # Dynamo's guards are dropped (the graph must never be traced again), so
+        # nothing else would notice a tensor the artifacts were not built for,
+        # or a flag such as use_cache that was traced into the graph as a constant.
+        arguments = self._bind(args, kwargs)
+        for name, (dtype, ndim, device) in self.input_specs.items():
+            value = arguments.get(name)
+            if not isinstance(value, torch.Tensor) or (value.dtype, value.dim(), value.device) != (dtype, ndim, device):
+                got = (f"a {value.dim()}-d {value.dtype} tensor on {value.device}"
+                       if isinstance(value, torch.Tensor) else type(value).__name__)
+                raise TypeError(f"vcompile: argument '{name}' was compiled for a {ndim}-d {dtype} "
+                                f"tensor on {device}; got {got}")
+        for name, traced in self.constants.items():
+            value = arguments.get(name)
+            if type(value) is not type(traced) or value != traced:
+                got = repr(value) if type(value) in _CONSTANT_TYPES else f"a {type(value).__name__}"
+                raise ValueError(f"vcompile: argument '{name}' was compiled as {traced!r}; got {got} "
+                                 "(non-tensor arguments are constants of the traced graph)")
+
+
+def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int],
+                 config: CompilationConfig) -> tuple[tuple, dict]:
+    """The inputs Dynamo traces, their token dims marked dynamic.
+
+    vLLM traces a dummy batch of max_num_batched_tokens, never a caller's.
+    vcompile traces the first call's inputs, and at one token a trace
+    takes stride decisions that hold only there: a transpose of a size-1
+    dim is contiguous, so `.contiguous()` and `reshape` become views, and
+    with the guards dropped those views then run at every size (a Hugging
+    Face Llama gave NaN). A one-token call is traced at two tokens, its
+    tensors repeated along the token dim.
+    """
+    bound = signature.bind(*args, **kwargs)
+    if config.max_num_batched_tokens > 1 and any(bound.arguments[n].shape[d] == 1 for n, d in dims.items()):
+        for name, dim in dims.items():
+            value = bound.arguments[name]
+            bound.arguments[name] = value.repeat(*[2 if d == dim % value.dim() else 1 for d in range(value.dim())])
+        args, kwargs = bound.args, bound.kwargs
+    for name, dim in dims.items():
+        torch._dynamo.mark_dynamic(bound.arguments[name], dim)
+    return args, kwargs
+
+
 @contextlib.contextmanager
 def _tracing_patches():
     # backed_size_oblivious: a first call of size 0 or 1 would otherwise make
@@ -1508,7 +1437,130 @@ def _tracing_patches():
 
 
 # =============================================================================
-# 11. The cache from the command line
+# 12. What a save cannot carry: models people bring
+#
+# Hugging Face decoders broke the saved artifact three ways. Their forward is
+# wrapped by decorators, and pickle cannot store the original function that a
+# wrapper keeps in its closure ("it's not the same object as
+# ...LlamaModel.forward"). Dynamo's bytecode reads globals it installed in the
+# forward's module while tracing (___module_collections_<id>, to rebuild a
+# ModelOutput), and a fresh process has none of them. And torch 2.11 cannot
+# wrap such a forward for saving at all ("Missing required external
+# references: ['type']"). vcompile hands the first two to torch's loader
+# itself. Whatever still cannot load back is found when it is saved, and that
+# model runs the JIT way from then on, never compiling from scratch at every
+# start.
+# =============================================================================
+
+
+def installed_globals(aot_fn, module_globals: set[str]) -> dict[str, Any]:
+    """The globals Dynamo installed in the forward's module while tracing:
+    aliases such as ___module_collections_<id> that its bytecode reads."""
+    return {k: v for k, v in aot_fn.fn.__globals__.items() if k not in module_globals}
+
+
+def load_aot_function(saved: dict, model: torch.nn.Module, f_globals: dict[str, Any]):
+    """torch's AOT loader, given back what the save could not carry: the
+    modules Dynamo's bytecode reads as installed globals, and the objects
+    handed to the save as external data, rebuilt from this process's model."""
+    f_globals = {**f_globals, **{name: importlib.import_module(m) for name, m in saved["modules"].items()}}
+    return torch.compiler.load_compiled_function(io.BytesIO(saved["aot"]), f_globals=f_globals,
+                                                 external_data=external_refs(model))
+
+
+def external_refs(model: torch.nn.Module) -> dict[str, Any]:
+    """What the saved function may hold that pickle cannot restore by name,
+    under keys that another process computes the same way from its own model.
+
+    A decorated forward (functools.wraps, as Hugging Face wraps its models')
+    is a wrapper whose closure holds the original function. Pickle stores a
+    function by its qualified name, finds the wrapper under that name, and
+    refuses ("it's not the same object as ...LlamaModel.forward"). Modules are
+    not pickled either: they hold the weights, which stay live.
+    """
+    refs: dict[str, Any] = {f"module:{name}": m for name, m in model.named_modules()}
+    seen: set[int] = set()
+    todo = [("forward", getattr(model.forward, "__func__", model.forward))]
+    while todo:
+        key, fn = todo.pop()
+        if not inspect.isfunction(fn) or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        refs[key] = fn
+        todo.append((f"{key}.__wrapped__", getattr(fn, "__wrapped__", None)))
+        for i, cell in enumerate(fn.__closure__ or ()):
+            with contextlib.suppress(ValueError):  # a cell not yet filled
+                todo.append((f"{key}.<cell {i}>", cell.cell_contents))
+    return refs
+
+
+def check_loadable(saved: dict, model: torch.nn.Module, installed: dict[str, Any]) -> None:
+    """Runs torch's loader on what is about to be saved, with the globals a
+    fresh process will have: a model whose artifact cannot load back is
+    found out now, not by compiling from scratch at every start. The
+    compiled pieces are left out (each unique artifact is Inductor's own
+    format, and its file is checked by sha256 at load)."""
+    fresh_globals = {k: v for k, v in model.forward.__globals__.items() if k not in installed}
+    without_pieces = classmethod(lambda cls, data: cls({}, None))
+    with patch.object(VcompileFunction, "deserialize_compile_artifacts", without_pieces):
+        load_aot_function(saved, model, fresh_globals)
+
+
+def mark_aot_unavailable(cache: CacheDir | None, model: torch.nn.Module, aot_fn, reason: str) -> None:
+    """The AOT artifact cannot be saved so that it loads back, and nothing
+    will change that before the next start: left alone, every start would
+    compile from scratch and fail to save again. Mark the folder instead;
+    this start and the later ones run the JIT way (use_aot=False), whose
+    per-piece artifacts load with no Inductor compile after the first."""
+    if cache is None or not cache.writable:
+        logger.warning("vcompile: the compiled model cannot be saved to load back: %s", reason)
+        return
+    marker = cache.unavailable_path
+    # Edit the model's code and AOT is tried again: the sources Dynamo
+    # traced, or without them the file that defines the model's class.
+    try:
+        model_file = inspect.getmodule(type(model))
+        sources = (source_hashes(aot_fn.source_info()) if aot_fn is not None else
+                   {model_file.__name__: hashlib.sha256(inspect.getsource(model_file).encode()).hexdigest()})
+    except (OSError, TypeError):  # a model typed into `python -c` has no source file
+        sources = {}
+    try:
+        write_atomically(marker, json.dumps({"reason": reason, "sources": sources}, indent=1).encode())
+    except OSError as e:
+        logger.warning("vcompile: the compiled model cannot be saved to load back (%s), and %s cannot be "
+                       "written (%s)", reason, marker, e)
+        return
+    logger.warning("vcompile: warm start from an AOT artifact is unavailable for this model: %s. It runs "
+                   "as with use_aot=False instead: each start traces it with Dynamo and loads its compiled "
+                   "pieces from %s (delete %s to try AOT again)", reason, cache.pieces_dir, marker)
+
+
+def aot_unavailable(cache: CacheDir | None) -> str | None:
+    """Why this model's AOT artifact could not be saved, if an earlier
+    start found out and the model's sources are the ones it saw then."""
+    if cache is None:
+        return None
+    marker = cache.unavailable_path
+    try:
+        with open(marker) as f:
+            record = json.load(f)
+        check_sources_unchanged(record["sources"])
+    except FileNotFoundError:
+        return None
+    except Exception:  # edited sources, or an unreadable marker: try AOT again
+        with contextlib.suppress(OSError):
+            os.unlink(marker)
+        return None
+    if os.environ.get("VCOMPILE_FORCE_AOT_LOAD") == "1":
+        raise RuntimeError(f"vcompile: no AOT artifact can be loaded for this model ({record['reason']}, "
+                           f"recorded in {marker}) and VCOMPILE_FORCE_AOT_LOAD=1")
+    logger.info("Warm start from the AOT artifact is unavailable for this model (%s); Dynamo traces it "
+                "and its compiled pieces load from %s", record["reason"], cache.pieces_dir)
+    return record["reason"]
+
+
+# =============================================================================
+# 13. The cache from the command line
 #
 #   python -m vcompile cache [ROOT] [--json]      what each hash folder holds
 #   python -m vcompile cache ROOT --remove HASH   delete one folder
