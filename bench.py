@@ -114,21 +114,26 @@ SPLITTING_OPS = ["vcompile_bench::attention"]
 
 @torch.library.custom_op("vcompile_hf::attention", mutates_args=())
 def hf_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention on (batch, heads, tokens, head_dim); k and v may have fewer heads."""
-    # contiguous, as the fake below says: the compiled piece after it is built for those strides.
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).contiguous()
+    """Causal attention on (batch, heads, tokens, head_dim); k and v may have
+    fewer heads. Returns (batch, tokens, heads, head_dim), contiguous, the
+    layout transformers wants next. The transpose is done here, not in the
+    traced code: there `.contiguous()` of a transposed tensor asks whether the
+    token count is 1 (a size-1 dim is contiguous either way), and Dynamo
+    writes that down as a size guard, `size != 1`, which vcompile keeps."""
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
 
 
 @hf_attention_op.register_fake
 def _(q, k, v, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    batch, heads, tokens, head_dim = q.shape
+    return q.new_empty(batch, tokens, heads, head_dim)
 
 
 def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface's signature. Whole causal sequences only: no padding
     mask, no key/value cache (the op is causal by itself)."""
-    out = torch.ops.vcompile_hf.attention(query, key, value, scaling)
-    return out.transpose(1, 2).contiguous(), None  # transformers wants (batch, tokens, heads, head_dim)
+    return torch.ops.vcompile_hf.attention(query, key, value, scaling), None
 
 
 HF_SPLITTING_OPS = ["vcompile_hf::attention"]

@@ -49,7 +49,7 @@ ISSUE_CONFIG = dict(compile_ranges_endpoints=[8, 32], max_num_batched_tokens=256
 ISSUE_SIZES = [1, 4, 8, 9, 16, 32, 33, 256]
 # Two ranges and a size, for the process tests: every kind of entry, fewer compiles.
 SMALL_CONFIG = dict(compile_ranges_endpoints=[8], max_num_batched_tokens=32, compile_sizes=[4])
-SMALL_SIZES = [1, 4, 8, 9, 32]
+SMALL_SIZES = list(range(1, 33))  # every size the small config runs
 
 
 @pytest.fixture(autouse=True)
@@ -947,6 +947,104 @@ def test_single_size_artifact_is_specialized(device):
         sized(5, x5, w)
 
 
+# --- size guards: a graph traced at one size never runs silently at a size it does not hold for
+
+
+class Branches(torch.nn.Module):
+    """vLLM's tests/compile/test_wrapper.py model: the branch depends on the size."""
+
+    def forward(self, x):
+        if x.size()[0] >= 4:
+            return x * 2
+        return x * 100
+
+
+class Checked(torch.nn.Module):
+    def forward(self, x):
+        torch._check(x.shape[0] <= 42)
+        return x * 2
+
+
+class EvenOnly(torch.nn.Module):
+    def forward(self, x):
+        if x.shape[0] % 2 == 0:
+            return x * 2
+        return x + 1
+
+
+GUARDED = {"branches": (Branches, 4, "size >= 4"), "checked": (Checked, 5, "size <= 42"),
+           "even": (EvenOnly, 6, "(size % 2) == 0")}  # model, first call's size, the guard in words
+GUARD_CONFIG = dict(compile_ranges_endpoints=[8], max_num_batched_tokens=64)
+
+
+def test_the_size_table_keeps_only_guards_on_the_token_count(caplog):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    gm = dynamo_graph(Branches(), torch.randn(4))
+    guards = vcompile.size_guards(vcompile.fake_args_from_graph(gm))
+    assert [text for text, _ in guards] == ["size >= 4"] and "if x.size()[0] >= 4:" in guards[0][1]
+    entries = vcompile.compile_entries(CompilationConfig(compile_sizes=[2, 4], **GUARD_CONFIG), False)
+    assert entries == [Range(2, 2), Range(4, 4), Range(1, 8), Range(9, 64)]
+    table = vcompile.size_table(entries, guards, 64)
+    fail, outside = vcompile.GUARD_FAILS, vcompile.OUTSIDE_EVERY_ENTRY
+    assert table[:10] == [outside, fail, fail, fail, 1, 2, 2, 2, 2, 3] and table[10:] == [3] * 55
+    # Size 2 was asked for, and the guard leaves it nothing: said once, at compile time.
+    assert messages(caplog) == ["vcompile: no size in compile range [2, 2] satisfies the size guards size >= 4; "
+                                "its artifacts will never run"]
+    lookup = vcompile.entry_lookup(entries, guards, table)
+    assert [lookup(n) for n in (4, 5, 64)] == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"size 3 fails the size guard `size >= 4` that tracing recorded at "
+                                         r"`if x.size\(\)\[0\] >= 4:.*`; the traced graph holds for sizes 4 to 64"):
+        lookup(3)
+    with pytest.raises(ValueError, match=r"size 65 is outside every compile range: \[2, 2\], \[4, 4\]"):
+        lookup(65)
+    # An encoder's last range runs past the table: the guards are evaluated there.
+    encoder = vcompile.compile_entries(CompilationConfig(**GUARD_CONFIG), True)
+    assert vcompile.entry_lookup(encoder, guards, vcompile.size_table(encoder, guards, 64))(1000) == 1
+    assert vcompile.sizes_in_words(list(range(2, 65, 2))) == "2, 4, 6, 8, 10, ... (32 sizes), 64"
+
+
+def child_guarded(root: str, device: str) -> dict:
+    """Each guarded model, first called at its size, then at every size from
+    1 to one past the token budget: the outputs, or the error each size raised."""
+    results = {}
+    for name, (model_class, first_size, _) in GUARDED.items():
+        model = model_class()
+        fn = vcompile.compile(model, CompilationConfig(cache_dir=root, **GUARD_CONFIG))
+        fn(torch.arange(first_size, dtype=torch.float32, device=device))
+        before, files = counter_values(), snapshot(root)
+        errors, refused = {}, {}
+        for size in range(1, 66):
+            x = torch.arange(size, dtype=torch.float32, device=device)
+            try:
+                errors[size] = (fn(x) - model(x)).abs().max().item()
+            except ValueError as e:
+                refused[size] = str(e)
+        results[name] = {"errors": errors, "refused": refused, "unchanged": counter_values() == before
+                         and snapshot(root) == files}
+    return {"models": results, "counters": counter_values()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_size_where_a_traced_guard_fails_raises_cold_and_warm(device, tmp_path):
+    cold = run_child("child_guarded", root=str(tmp_path), device=device)
+    warm = run_child("child_guarded", root=str(tmp_path), device=device)
+    assert_counters(cold, num_aot_artifacts_saved=3)
+    assert_counters(warm, num_aot_artifacts_loaded=3, num_graphs_seen=0, num_inductor_compiles=0)
+    valid = {"branches": lambda n: 4 <= n <= 64, "checked": lambda n: n <= 42, "even": lambda n: n % 2 == 0 and n <= 64}
+    for start in (cold, warm):
+        for name, result in start["models"].items():
+            assert sorted(map(int, result["errors"])) == [n for n in range(1, 66) if valid[name](n)], name
+            assert max(result["errors"].values()) == 0.0, name  # the branch eager takes at every size
+            guard = GUARDED[name][2]
+            for size, message in result["refused"].items():
+                expected = "outside every compile range" if size == "65" else f"fails the size guard `{guard}`"
+                assert f"vcompile: size {size} " in message and expected in message, (name, size, message)
+            assert result["unchanged"], name  # a refused call ran nothing and wrote nothing
+    assert "the traced graph holds for sizes 4 to 64" in cold["models"]["branches"]["refused"]["3"]
+    assert "holds for sizes 1 to 42" in warm["models"]["checked"]["refused"]["43"]
+    assert "holds for sizes 2, 4, 6, 8, 10, ... (32 sizes), 64" in warm["models"]["even"]["refused"]["3"]
+
+
 # =============================================================================
 # 6. Compiler manager and the in-memory cache (vLLM PR 41023)
 # =============================================================================
@@ -1080,8 +1178,9 @@ def test_everything_compiles_during_the_first_call(device):
 def test_piece_runner_dispatches_on_the_size_argument():
     entries = vcompile.compile_entries(CompilationConfig(**ISSUE_CONFIG), is_encoder=False)
     fns = [lambda *a, i=i: (i,) for i in range(len(entries))]
-    by_symint = vcompile.PieceRunner("p", entries, fns, size_arg=1, size_dim=None, returns_tuple=False)
-    by_shape = vcompile.PieceRunner("p", entries, fns, size_arg=0, size_dim=0, returns_tuple=True)
+    lookup = vcompile.entry_lookup(entries, [], vcompile.size_table(entries, [], 256))
+    by_symint = vcompile.PieceRunner("p", fns, lookup, size_arg=1, size_dim=None, returns_tuple=False)
+    by_shape = vcompile.PieceRunner("p", fns, lookup, size_arg=0, size_dim=0, returns_tuple=True)
     assert [entries[by_symint(None, n)] for n in (4, 8, 16, 100)] == [Range(4, 4), Range(1, 8), Range(16, 16), Range(33, 256)]
     assert entries[by_shape(torch.empty(16, 2))[0]] == Range(16, 16)
     with pytest.raises(ValueError, match="size 300"):

@@ -55,6 +55,7 @@ from collections import defaultdict
 from typing import Any, Callable
 from unittest.mock import patch
 
+import sympy
 import torch
 import torch._functorch._aot_autograd.autograd_cache as aot_autograd_cache
 import torch._inductor.codecache
@@ -65,6 +66,7 @@ from torch._inductor.standalone_compile import AOTCompiledArtifact
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.split_module import split_module
+from torch.utils._sympy.printers import PythonPrinter
 
 # =============================================================================
 # 1. Config, ranges, counters, logging
@@ -577,7 +579,7 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 
 
 # =============================================================================
-# 5. Compile entries and concrete arguments (vLLM PR 35472)
+# 5. Compile entries, size guards and concrete arguments (vLLM PR 35472)
 #
 # Before PR 35472 pieces compiled lazily, on the first call that reached a
 # range, with whatever inputs that call had. Now every piece is compiled up
@@ -586,6 +588,15 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 # concrete fake tensors, the size in place of every dimension symbol, in a
 # fresh ShapeEnv (empty_strided, storage offset kept), so Inductor
 # specializes to that size.
+#
+# Size guards. vLLM drops every Dynamo guard, so a graph traced once runs at
+# every size, and vcompile does the same. A model whose code branches on the
+# token count (`if x.size(0) >= 4:`, traced at 4) would then run the traced
+# branch at every size: silently wrong at 1 to 3. Dynamo wrote down which
+# sizes the graph holds for, as guards on the size symbols. vcompile keeps
+# exactly those (every other guard stays dropped) as a table from each size up
+# to max_num_batched_tokens to the entry that runs it, saved with the
+# artifact, and refuses a size where a guard fails: one list index per call.
 # =============================================================================
 
 
@@ -599,14 +610,26 @@ def compile_entries(config: CompilationConfig, is_encoder: bool) -> list[Range]:
     return sizes + ranges
 
 
+OUTSIDE_EVERY_ENTRY, GUARD_FAILS = -1, -2  # what the size table holds where no entry runs a size
+
+
+def entry_of(size: int, entries: list[Range], holds: Callable[[int], bool]) -> int:
+    """The first entry that holds `size`, or why none runs it."""
+    index = next((i for i, entry in enumerate(entries) if size in entry), OUTSIDE_EVERY_ENTRY)
+    return index if index == OUTSIDE_EVERY_ENTRY or holds(size) else GUARD_FAILS
+
+
 def find_entry(size: int, entries: list[Range]) -> int:
-    for i, entry in enumerate(entries):
-        if entry.start <= size <= entry.end:
-            return i
-    # Never compile lazily here: a compile in the middle of serving is the
+    index = entry_of(size, entries, lambda size: True)
+    if index == OUTSIDE_EVERY_ENTRY:
+        raise outside_every_entry(size, entries)
+    return index
+
+
+def outside_every_entry(size: int, entries: list[Range]) -> ValueError:
+    # Never compile lazily instead: a compile in the middle of serving is the
     # stall PR 35472 removed, and running another range's code would be wrong.
-    raise ValueError(f"vcompile: size {size} is outside every compile range: "
-                     + ", ".join(str(e) for e in entries))
+    return ValueError(f"vcompile: size {size} is outside every compile range: " + ", ".join(map(str, entries)))
 
 
 def fake_args_from_graph(gm: fx.GraphModule) -> list:
@@ -618,6 +641,79 @@ def size_symbols(fake_args: list) -> set:
     symbols of other things too (a view's storage offset) that are not sizes."""
     return {d.node.expr for a in fake_args if isinstance(a, torch.Tensor)
             for d in a.shape if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
+
+
+def size_guards(fake_args: list) -> list[tuple[str, str]]:
+    """The guards Dynamo recorded on the token count alone, as Python
+    expressions in `size` (`size >= 4`), each with the line of model code
+    that made it. Read before any piece compiles: an Inductor cache hit adds
+    the guards of whichever trace filled that cache, not this one's."""
+    dims = size_symbols(fake_args)
+    shape_env = next((a.fake_mode.shape_env for a in fake_args if isinstance(a, FakeTensor)), None)
+    size = sympy.Symbol("size", integer=True, positive=True)
+    guards: dict[str, str] = {}
+    for guard in shape_env.guards if shape_env is not None else []:
+        if guard.expr.free_symbols and guard.expr.free_symbols <= dims:
+            text = PythonPrinter().doprint(guard.expr.xreplace(dict.fromkeys(dims, size)))
+            guards.setdefault(text, getattr(guard.sloc, "maybe_user_loc", None) or "")
+    return list(guards.items())
+
+
+def guards_hold(guards: list[tuple[str, str]]) -> Callable[[int], bool]:
+    return eval("lambda size: " + (" and ".join(f"({text})" for text, _ in guards) or "True"), {"math": math})
+
+
+def size_table(entries: list[Range], guards: list[tuple[str, str]], top: int) -> list[int]:
+    """table[size]: the index of the entry that runs `size`, for 0 to `top`,
+    or OUTSIDE_EVERY_ENTRY, or GUARD_FAILS. Built once per compile (8193
+    sizes by default, a few milliseconds); a warning names each entry it
+    leaves no size to, since that entry's artifacts can never run."""
+    holds = guards_hold(guards)
+    table = [entry_of(size, entries, holds) for size in range(top + 1)]
+    for index in sorted(set(range(len(entries))) - set(table)):
+        logger.warning("vcompile: no size in compile range %s satisfies the size guards %s; its artifacts will "
+                       "never run", entries[index], " and ".join(text for text, _ in guards))
+    return table
+
+
+def entry_lookup(entries: list[Range], guards: list[tuple[str, str]], table: list[int]) -> Callable[[int], int]:
+    """size -> index of the entry that runs it, or ValueError. One list index
+    up to max_num_batched_tokens; beyond it (an encoder's last range is
+    unbounded) the guards are evaluated."""
+    holds = guards_hold(guards)
+
+    def lookup(size: int) -> int:
+        index = table[size] if size < len(table) else entry_of(size, entries, holds)
+        if index < 0:
+            raise size_refused(size, index, entries, guards, table)
+        return index
+
+    return lookup
+
+
+def size_refused(size: int, why: int, entries: list[Range], guards: list[tuple[str, str]],
+                 table: list[int]) -> ValueError:
+    if why == OUTSIDE_EVERY_ENTRY:
+        return outside_every_entry(size, entries)
+    text, where = next((text, where) for text, where in guards if not guards_hold([(text, where)])(size))
+    return ValueError(f"vcompile: size {size} fails the size guard `{text}` that tracing recorded"
+                      + (f" at `{where}`" if where else "") + f"; the traced graph holds for sizes "
+                      + sizes_in_words([s for s, index in enumerate(table) if index >= 0]) + " (checked up to "
+                      f"max_num_batched_tokens, {len(table) - 1}), and running it at {size} would be wrong")
+
+
+def sizes_in_words(sizes: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1 to 3, 7'; long lists keep their first runs and the last."""
+    runs: list[list[int]] = []
+    for size in sizes:
+        if runs and runs[-1][1] == size - 1:
+            runs[-1][1] = size
+        else:
+            runs.append([size, size])
+    words = [f"{a} to {b}" if a != b else str(a) for a, b in runs]
+    if len(words) > 6:
+        words = words[:5] + [f"... ({len(sizes)} sizes)", words[-1]]
+    return ", ".join(words) or "none"
 
 
 def concrete_args(gm: fx.GraphModule, size: int) -> list:
@@ -814,9 +910,9 @@ class PieceRunner:
     """One compiled piece at run time: an artifact per compile entry, chosen
     by the size found at args[size_arg] (a SymInt) or args[size_arg].shape[size_dim]."""
 
-    def __init__(self, name: str, entries: list[Range], fns: list[Callable],
+    def __init__(self, name: str, fns: list[Callable], lookup: Callable[[int], int],
                  size_arg: int | None, size_dim: int | None, returns_tuple: bool):
-        self.name, self.entries, self.fns = name, entries, fns
+        self.name, self.fns, self.lookup = name, fns, lookup
         self.size_arg, self.size_dim, self.returns_tuple = size_arg, size_dim, returns_tuple
 
     def __call__(self, *args):
@@ -824,7 +920,7 @@ class PieceRunner:
             out = self.fns[0](*args)
         else:
             size = args[self.size_arg] if self.size_dim is None else args[self.size_arg].shape[self.size_dim]
-            out = self.fns[find_entry(size, self.entries)](*args)
+            out = self.fns[self.lookup(size)](*args)
         # A loaded artifact returns a list even when its graph returned one
         # value (a fresh one unwraps it): give back what the graph returned.
         if not self.returns_tuple and isinstance(out, (list, tuple)):
@@ -985,7 +1081,8 @@ def bind_execution_code(code: str, consts: list, submods: list[Callable]) -> Cal
 # as before PR 40151, to measure what that costs.
 # =============================================================================
 
-_STATE_FIELDS = ("format", "entries", "pieces", "blobs", "code", "consts", "submod_names", "split_graph")
+_STATE_FIELDS = ("format", "entries", "size_at", "size_guards", "size_table", "pieces", "blobs", "code", "consts",
+                 "submod_names", "split_graph")
 
 
 class VcompileFunction(SerializableCallable):
@@ -1015,16 +1112,27 @@ def link(state: dict, artifacts: dict[str, Callable], split_gm: fx.GraphModule |
     """Builds the callable from saved state. The cold path runs through here
     too, so a warm start executes exactly what the cold start executed."""
     entries = [Range(*e) for e in state["entries"]]
-    runners = {name: PieceRunner(name, entries, [artifacts[d] for d in piece["artifacts"]], *piece["size_at"],
+    lookup = entry_lookup(entries, state["size_guards"], state["size_table"])
+    runners = {name: PieceRunner(name, [artifacts[d] for d in piece["artifacts"]], lookup, *piece["size_at"],
                                  piece["returns_tuple"])
                for name, piece in state["pieces"].items()}
     if state["code"] is not None:
-        return bind_execution_code(state["code"], state["consts"], [runners[n] for n in state["submod_names"]])
-    if split_gm is None:
-        split_gm = load_split_graph(state["split_graph"])
-    for name, runner in runners.items():
-        split_gm.__dict__[name] = runner  # shadows the FX submodule of the same name
-    return split_gm.forward
+        run = bind_execution_code(state["code"], state["consts"], [runners[n] for n in state["submod_names"]])
+    else:
+        if split_gm is None:
+            split_gm = load_split_graph(state["split_graph"])
+        for name, runner in runners.items():
+            split_gm.__dict__[name] = runner  # shadows the FX submodule of the same name
+        run = split_gm.forward
+    size_arg, size_dim = state["size_at"]
+
+    def checked(*args):
+        # Before anything runs: a splitting op (an attention writing its
+        # key/value cache) may come before the first compiled piece.
+        lookup(args[size_arg] if size_dim is None else args[size_arg].shape[size_dim])
+        return run(*args)
+
+    return checked
 
 
 def dump_split_graph(split_gm: fx.GraphModule) -> bytes:
@@ -1193,10 +1301,12 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
         raise RuntimeError("vcompile: no input dimension stayed dynamic through tracing; the model "
                            "specialized the token dimension (check dynamic_arg_dims)")
 
+    guards = size_guards(fakes)  # Dynamo's alone: before any compile adds others
     split_gm, pieces = split_graph(gm, config.splitting_ops)
     counters.num_piecewise_graphs_seen += len(pieces)
     compile_names = [name for name, is_splitting in pieces if not is_splitting]
     entries = compile_entries(config, is_encoder)
+    table = size_table(entries, guards, config.max_num_batched_tokens)
     manager = CompilerManager(pieces_dir)
     interpreter = PiecewiseCompileInterpreter(split_gm, compile_names, entries, manager)
     interpreter.run(*fakes)
@@ -1213,6 +1323,9 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
     state = {
         "format": FORMAT_VERSION,
         "entries": [(e.start, e.end) for e in entries],
+        "size_at": where_is_the_size(fakes),
+        "size_guards": guards,
+        "size_table": table,
         "pieces": pieces_state,
         "blobs": blobs,
         "submod_names": compile_names,
@@ -1356,12 +1469,11 @@ class CompiledModel:
             # Dynamo traces, the backend compiles or loads every piece, then
             # the call runs: in JIT mode they cannot be separated.
             out = compiled(*trace_args, **trace_kwargs)
-            if trace_args is not args:
-                out = compiled(*args, **kwargs)
         self.fn = compiled
         if warm:
             mark_loaded(self.cache)
-        return out
+        # A one-token call traced at two now runs as itself (its size may fail a guard).
+        return compiled(*args, **kwargs) if trace_args is not args else out
 
     def _torch_compile(self, pieces_dir: str | None):
         # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
@@ -1411,10 +1523,10 @@ def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int
     vLLM traces a dummy batch of max_num_batched_tokens, never a caller's.
     vcompile traces the first call's inputs, and at one token a trace
     takes stride decisions that hold only there: a transpose of a size-1
-    dim is contiguous, so `.contiguous()` and `reshape` become views, and
-    with the guards dropped those views then run at every size (a Hugging
-    Face Llama gave NaN). A one-token call is traced at two tokens, its
-    tensors repeated along the token dim.
+    dim is contiguous, so `.contiguous()` and `reshape` become views. With
+    every guard dropped a Hugging Face Llama then gave NaN at 8 tokens; with
+    the size guards kept it would refuse every size but 1. A one-token call
+    is traced at two tokens, its tensors repeated along the token dim.
     """
     bound = signature.bind(*args, **kwargs)
     if config.max_num_batched_tokens > 1 and any(bound.arguments[n].shape[d] == 1 for n, d in dims.items()):
@@ -1429,9 +1541,9 @@ def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int
 
 @contextlib.contextmanager
 def _tracing_patches():
-    # backed_size_oblivious: a first call of size 0 or 1 would otherwise make
-    # Dynamo specialize the token dimension to that size, silently, since the
-    # guards that would catch it are dropped.
+    # backed_size_oblivious: Dynamo would otherwise specialize a token
+    # dimension of size 0 or 1 to that size, and take size 1 for special
+    # wherever it decides a broadcast or a stride.
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         yield
 
