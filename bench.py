@@ -15,6 +15,7 @@ is cold, so what it measures is what a new server process pays:
   vcompile warm             AOT load with codegen (the default)
   vcompile warm no-codegen  AOT load of the pickled split graph (before vLLM PR 40151)
   vcompile warm JIT         Dynamo traces, every piece is loaded from the cache
+  vcompile warm read-only   the AOT load from the same cache root, mounted read-only
 
 For each: time to first output from process start (imports shown apart),
 and the steady-state time per forward (median of many calls, synchronized
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import glob
 import importlib
 import json
@@ -173,18 +175,19 @@ FIRST_SIZE, STEADY_SIZE = 64, 128
 
 # Report order. A setup case runs before the case that needs it and is
 # reported too, but is not a headline.
-CASES = ["eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_warm", "vcompile_warm_parts",
-         "vcompile_cold_nocodegen", "vcompile_warm_nocodegen", "vcompile_cold_jit", "vcompile_warm_jit"]
+CASES = ["eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_warm", "vcompile_warm_ro",
+         "vcompile_warm_parts", "vcompile_cold_nocodegen", "vcompile_warm_nocodegen", "vcompile_cold_jit",
+         "vcompile_warm_jit"]
 # The headline cases run three times (fresh processes each; once with
 # --quick), and each number is the median of the three: on a shared machine a
 # process start varies by tenths of a second, and its speed by several percent.
-REPEATED = {"eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_warm", "vcompile_warm_nocodegen",
-            "vcompile_warm_jit"}
+REPEATED = {"eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_warm", "vcompile_warm_ro",
+            "vcompile_warm_nocodegen", "vcompile_warm_jit"}
 # A cold case empties its cache folder before each run; its last run fills it for the warm ones.
 EMPTIED = {"stock_cold": "stock", "vcompile_cold": "vcompile"}
 LABELS = {
     "eager": "eager", "stock_cold": "stock cold", "stock_warm": "stock warm",
-    "vcompile_cold": "vcompile cold", "vcompile_warm": "vcompile warm",
+    "vcompile_cold": "vcompile cold", "vcompile_warm": "vcompile warm", "vcompile_warm_ro": "vcompile warm, read-only",
     "vcompile_warm_parts": "  (warm, Inductor imported first)",
     "vcompile_cold_nocodegen": "  (setup: cold, no codegen)", "vcompile_warm_nocodegen": "vcompile warm, no codegen",
     "vcompile_cold_jit": "  (setup: cold, JIT)", "vcompile_warm_jit": "vcompile warm, JIT",
@@ -237,11 +240,12 @@ def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict
             splitting_ops=HF_SPLITTING_OPS if hf else SPLITTING_OPS, cache_dir=cache, **CONFIG,
             use_codegen=not case.endswith("nocodegen"), use_aot=not case.endswith("jit"))
         fn = vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": token_dim})
-        programs = []  # programs the first call starts: g++ per kernel built, g++ and python per ISA probe
+        builds = []  # programs the first call starts but `g++ --version`: g++ per kernel, g++ and python per ISA probe
         real_popen = subprocess.Popen.__init__
 
         def counted_popen(self, args, *rest, **kwargs):
-            programs.append(args)
+            if "--version" not in args:
+                builds.append(args)
             real_popen(self, args, *rest, **kwargs)
 
         subprocess.Popen.__init__ = counted_popen
@@ -263,7 +267,7 @@ def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict
         first = time.perf_counter()
         result.update(first_output_s=first - started, first_call_s=first - called)
         if uses_vcompile:
-            result.update(monitor_s=cfg.compilation_time, artifact_loads_s=sum(loads), programs_run=len(programs),
+            result.update(monitor_s=cfg.compilation_time, artifact_loads_s=sum(loads), builds=len(builds),
                           counters=dataclasses.asdict(vcompile.counters))
         result["max_error"] = (hidden_states(out).float() - hidden_states(model(ids)).float()).abs().max().item()
 
@@ -328,14 +332,43 @@ def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: di
         env["TORCHINDUCTOR_CACHE_DIR"] = dirs["scratch"]
     args = dict(case=case, layers=layers, device=device, cache=cache, model_kwargs=model_kwargs, iters=iters,
                 model_name=model_name)
+    argv = [sys.executable, "-c", _CHILD, json.dumps(args)]
+    if case == "vcompile_warm_ro":  # the root vcompile_cold filled, shipped read-only
+        argv, env = read_only(cache, argv, env)
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], env=env,
-                          capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     if proc.returncode != 0:
         raise RuntimeError(f"bench case {case} at {layers} layers failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - started
     return result
+
+
+def read_only(folder: str, argv: list[str], env: dict) -> tuple[list[str], dict]:
+    """argv and env for a process that cannot write `folder`, as a cache
+    baked into a container image or mounted from a read-only volume cannot
+    be written. Where mount namespaces are allowed (root, as CI runs): a
+    read-only bind mount of the folder that only that process sees. Elsewhere
+    the folder's write bits are cleared while it runs, and a root process
+    gives up the capabilities that would let it write anyway."""
+    if read_only_by_mount():
+        script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+        return ["unshare", "-m", "sh", "-c", script, folder, *argv], env
+    script = 'chmod -R a-w "$0" && "$@"; status=$?; chmod -R u+w "$0"; exit $status'
+    unprivileged = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
+    return [*unprivileged, "sh", "-c", script, folder, *argv], env
+
+
+@functools.cache
+def read_only_by_mount() -> bool:
+    probe = tempfile.mkdtemp()
+    try:
+        mount = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && ! touch "$0/x" 2>/dev/null'
+        return subprocess.run(["unshare", "-m", "sh", "-c", mount, probe], capture_output=True).returncode == 0
+    except OSError:  # no unshare
+        return False
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def ratios(results: dict, depths: list[int]) -> dict:
@@ -352,6 +385,7 @@ def ratios(results: dict, depths: list[int]) -> dict:
             "vcompile_warm_over_cold": r["vcompile_warm"]["first_output_s"] / r["vcompile_cold"]["first_output_s"],
             "vcompile_warm_monitor_s": r["vcompile_warm"]["monitor_s"],
             "vcompile_warm_load_alone_s": r["vcompile_warm_parts"]["monitor_s"],
+            "read_only_over_writable_warm_monitor": r["vcompile_warm_ro"]["monitor_s"] / r["vcompile_warm"]["monitor_s"],
             "stock_warm_overhead_s": overhead(layers, "stock_warm"),
             "vcompile_warm_overhead_s": overhead(layers, "vcompile_warm"),
             "warm_overhead_stock_over_vcompile": overhead(layers, "stock_warm") / overhead(layers, "vcompile_warm"),
@@ -388,14 +422,15 @@ def table(results: dict, depths: list[int], summary: dict) -> str:
         lines.append(f"  where vcompile's warm start goes: import {warm['import_s']:.2f}s (torch, and torch._dynamo "
                      f"for the AOT loader), then the monitor's {warm['monitor_s']:.2f}s = Inductor's first-load "
                      f"costs (its compiler modules {parts['inductor_import_s']:.2f}s; the CPU ISA probe, "
-                     f"{parts['isa_probe_s']:.2f}s where it runs; the warm start ran {warm['programs_run']} programs) + vcompile's "
+                     f"{parts['isa_probe_s']:.2f}s where it runs; the warm start built {warm['builds']} programs) + vcompile's "
                      f"load and first run {parts['monitor_s']:.2f}s "
                      f"({warm['counters']['num_compiled_artifacts_loaded']} unique artifacts)")
         lines.append(f"  warm/cold first output: stock {d['stock_warm_over_cold']:.2f}, vcompile "
                      f"{d['vcompile_warm_over_cold']:.2f}; warm overhead stock/vcompile "
                      f"{d['warm_overhead_stock_over_vcompile']:.1f}x; cold vcompile/stock "
                      f"{d['vcompile_cold_over_stock_cold']:.2f}; steady vcompile/stock "
-                     f"{d['steady_vcompile_over_stock']:.3f}; no-codegen warm costs "
+                     f"{d['steady_vcompile_over_stock']:.3f}; read-only/writable warm start "
+                     f"{d['read_only_over_writable_warm_monitor']:.2f}x; no-codegen warm costs "
                      f"{d['nocodegen_minus_codegen_warm_monitor_s'] * 1000:+.0f} ms")
     if "stock_cold_growth" in summary:
         lines.append(f"\ncold growth {min(depths)} -> {max(depths)} layers (overhead): stock "

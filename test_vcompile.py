@@ -92,14 +92,17 @@ def messages(caplog) -> list[str]:
 # --- child processes ---------------------------------------------------------
 
 
-def start_child(function: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    """Starts test_vcompile.<function>(**kwargs) in a fresh Python process."""
+def start_child(function: str, env: dict | None = None, read_only: str | None = None, **kwargs) -> subprocess.Popen:
+    """Starts test_vcompile.<function>(**kwargs) in a fresh Python process;
+    with read_only, a folder the child cannot write (see bench.read_only)."""
     code = ("import json, sys, test_vcompile as t; "
             f"print('\\n' + json.dumps(t.{function}(**json.loads(sys.argv[1]))))")
     child_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
     child_env = {k: str(v) for k, v in child_env.items() if v is not None}  # None removes a variable
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(kwargs)], cwd=REPO, env=child_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-c", code, json.dumps(kwargs)]
+    if read_only is not None:
+        argv, child_env = bench.read_only(read_only, argv, child_env)
+    return subprocess.Popen(argv, cwd=REPO, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish_child(proc: subprocess.Popen, timeout: float = 600):
@@ -110,8 +113,8 @@ def finish_child(proc: subprocess.Popen, timeout: float = 600):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_child(function: str, env: dict | None = None, **kwargs):
-    return finish_child(start_child(function, env, **kwargs))
+def run_child(function: str, env: dict | None = None, read_only: str | None = None, **kwargs):
+    return finish_child(start_child(function, env, read_only, **kwargs))
 
 
 def run_children(calls: list[tuple[str, dict]], env: dict | None = None) -> list:
@@ -141,7 +144,8 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
                   config_kwargs: dict | None = None, first_size: int = 9,
                   drop_field: str | None = None, pause_before_rename: str | None = None,
                   rank: int | None = None, world: int = 1, store: str | None = None,
-                  seed: str | None = None, record_opens: bool = False, fake_features: bool = False) -> dict:
+                  seed: str | None = None, record_opens: bool = False, fake_features: bool = False,
+                  pause_at_load: str | None = None) -> dict:
     """Child body: compile the decoder, compare every size with eager, report.
 
     drop_field: save the way an older vcompile would have, one field short.
@@ -152,7 +156,22 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
     seed: a hash folder whose Inductor cache to start from (see seed_inductor_cache).
     record_opens: report every file the first call opens with open().
     fake_features: the processor claims every vector extension (see fake_cpu_features).
+    pause_at_load: "before:<file>" or "after:<file>": create <file> just before (or just after)
+    the artifact is read, then wait until <file>.go exists.
     """
+    if pause_at_load is not None:
+        when, marker = pause_at_load.split(":", 1)
+        real_read = vcompile.read_artifact
+
+        def paused_read(path):
+            if when == "before":
+                wait_for_go(marker)
+            data = real_read(path)
+            if when == "after":
+                wait_for_go(marker)
+            return data
+
+        vcompile.read_artifact = paused_read
     if fake_features:
         fake_cpu_features()
     if rank is not None:
@@ -180,16 +199,24 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
     opened, real_open = [], builtins.open
     if record_opens:
         builtins.open = lambda file, *args, **kwargs: opened.append(str(file)) or real_open(file, *args, **kwargs)
+    started = time.perf_counter()
     with record_subprocesses() as launched:
         fn(token_ids(first_size, device))
+    first_call_s = time.perf_counter() - started
     builtins.open = real_open
     first = counter_values()
     errors = max_error(fn, model, sizes, device)
     later = {k: v - first[k] for k, v in counter_values().items()}
     return {"counters": first, "later": later, "errors": errors, "logs": logs.lines, "opened": opened,
-            "subprocesses": launched,
+            "subprocesses": launched, "first_call_s": first_call_s,
             "compilation_time": cfg.compilation_time,
             "hash_dir": fn.cache.hash_dir if fn.cache else None}
+
+
+def wait_for_go(marker: str) -> None:
+    open(marker, "w").close()
+    while not os.path.exists(marker + ".go"):
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -746,7 +773,7 @@ def unwritable_roots(tmp_path) -> dict[str, str]:
 @pytest.mark.parametrize("kind", ["read-only", "cannot be created"])
 def test_an_unwritable_root_compiles_anyway_and_warns_once(device, kind, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="vcompile")
-    monkeypatch.setattr(vcompile, "_warned_roots", set())
+    monkeypatch.setattr(vcompile, "_reported_roots", set())
     root = unwritable_roots(tmp_path)[kind]
     for _ in range(2):
         model = decoder(device)
@@ -755,6 +782,36 @@ def test_an_unwritable_root_compiles_anyway_and_warns_once(device, kind, tmp_pat
         torch._dynamo.reset()
     warnings = [r.getMessage() for r in caplog.records if r.name == "vcompile" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith(f"vcompile: cannot write the compile cache under {root}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_read_only_root_with_this_models_cache_starts_warm_and_writes_nothing(device, cold_cache, tmp_path):
+    # A cache shipped in an image or on a read-only volume: mounted read-only
+    # for the child (bench.read_only), with an empty temp folder and HOME.
+    writable, shipped = tmp_path / "writable", tmp_path / "shipped"
+    for root in (writable, shipped):
+        copy_cache(cold_cache(device)["hash_dir"], root)
+    before = snapshot(shipped)
+    fresh = {}
+    for name in ("tmp-rw", "tmp-ro", "home"):
+        fresh[name] = tmp_path / name
+        fresh[name].mkdir()
+    env = {"TORCHINDUCTOR_CACHE_DIR": None, "TRITON_CACHE_DIR": None, "HOME": fresh["home"]}
+    rw = run_child("child_decoder", root=str(writable), device=device, env={**env, "TMPDIR": fresh["tmp-rw"]})
+    ro = run_child("child_decoder", root=str(shipped), device=device, env={**env, "TMPDIR": fresh["tmp-ro"]},
+                   read_only=str(shipped))
+    for result in (rw, ro):
+        assert_counters(result, **WARM)
+        assert_matches_eager(result, device)
+        assert builds(result) == []  # every kernel came from the shipped folder: no compiler ran
+    assert not [line for line in ro["logs"] if line.startswith("WARNING")], ro["logs"]
+    said = [line for line in ro["logs"] if "read-only" in line]
+    assert len(said) == 1 and said[0].startswith(f"INFO vcompile: the compile cache under {shipped} is read-only")
+    assert said[0].endswith("loading from it and writing nothing there")
+    assert snapshot(shipped) == before
+    # Measured in this one run; the issue it fixes made the read-only start 25x slower.
+    ratio = ro["first_call_s"] / rw["first_call_s"]
+    assert ratio < 2.0, f"first call {ro['first_call_s']:.2f} s read-only, {rw['first_call_s']:.2f} s writable"
 
 
 def snapshot(path) -> dict:
@@ -1565,6 +1622,55 @@ def test_jit_mode_traces_every_start_and_loads_every_piece(device, cold_cache, t
     assert_matches_eager(warm, device)
 
 
+def child_threads(root: str, device: str, threads: int = 4) -> dict:
+    """`threads` threads make the first call at once, each at its own size;
+    then, while another thread holds the first-call lock, a later call."""
+    model = decoder(device)
+    fn = vcompile.compile(model, CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root, **SMALL_CONFIG))
+    start, errors, raised = threading.Barrier(threads), {}, []
+
+    def first_call(size):
+        start.wait()
+        try:
+            with torch.no_grad():
+                errors[size] = (fn(token_ids(size, device)) - model(token_ids(size, device))).abs().max().item()
+        except BaseException as e:  # noqa: B036 - whatever it is, the test reports it
+            raised.append(f"{type(e).__name__}: {e}")
+
+    workers = [threading.Thread(target=first_call, args=(size,)) for size in [9, 4, 1, 32][:threads]]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    holding, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=lambda: vcompile._first_call_lock.acquire() and (holding.set(), release.wait()),
+                              daemon=True)
+    holder.start()
+    holding.wait()
+    later = threading.Thread(target=fn, args=(token_ids(8, device),), daemon=True)
+    later.start()
+    later.join(timeout=120)
+    blocked = later.is_alive()
+    release.set()
+    return {"counters": counter_values(), "errors": errors, "raised": raised, "later_call_blocked": blocked}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_threads_making_the_first_call_at_once_get_one_compile_or_load(device, cold_cache, tmp_path):
+    # Dynamo is not thread-safe: unguarded, two of four threads raised from inside it.
+    copy_cache(cold_cache(device)["hash_dir"], tmp_path)  # its Inductor cache: no g++ in the cold start
+    os.remove(os.path.join(tmp_path, "torch_aot_compile", os.path.basename(cold_cache(device)["hash_dir"]),
+                           "rank_0_0", "model"))
+    cold = run_child("child_threads", root=str(tmp_path), device=device)
+    warm = run_child("child_threads", root=str(tmp_path), device=device)
+    assert_counters(cold, num_graphs_seen=1, num_aot_compiles=1, num_aot_artifacts_saved=1)
+    assert_counters(warm, **WARM)
+    for result in (cold, warm):
+        assert result["raised"] == [] and sorted(result["errors"], key=int) == ["1", "4", "9", "32"]
+        assert_matches_eager(result, device)
+        assert not result["later_call_blocked"]  # after the first call, no lock
+
+
 # =============================================================================
 # 12. What a save cannot carry: models people bring
 # =============================================================================
@@ -1831,6 +1937,69 @@ def test_the_cache_command_lists_and_removes_hash_folders(device, cold_cache, tm
     removed = vcompile_cli("cache", str(tmp_path), "--remove", name)
     assert removed.returncode == 0 and not os.path.exists(copy)
     assert set(json.loads(vcompile_cli("cache", str(tmp_path), "--json").stdout)[0]) >= {"hash", "last_loaded"}
+
+
+def hash_folder(root, name: str, megabytes: float, days_ago: float, loaded: bool = True) -> str:
+    """A hash folder of a given size whose last load (or, never loaded, last
+    write) was `days_ago`."""
+    folder = os.path.join(str(root), "torch_aot_compile", name)
+    os.makedirs(os.path.join(folder, "rank_0_0"))
+    with open(os.path.join(folder, "rank_0_0", "model"), "wb") as f:
+        f.write(b"x" * int(megabytes * 2**20))
+    with open(os.path.join(folder, vcompile.FACTORS_FILE), "w") as f:
+        json.dump({"model": f"m.{name[:4]}"}, f)
+    if loaded:
+        open(os.path.join(folder, vcompile.LAST_LOADED_FILE), "w").close()
+    when = time.time() - days_ago * 86400
+    for path in files_under(folder):
+        os.utime(os.path.join(folder, path), (when, when))
+    return folder
+
+
+def test_prune_removes_whole_folders_least_recently_used_first(tmp_path):
+    folders = {"a" * 16: hash_folder(tmp_path, "a" * 16, 1, days_ago=40),
+               "b" * 16: hash_folder(tmp_path, "b" * 16, 1, days_ago=20, loaded=False),
+               "c" * 16: hash_folder(tmp_path, "c" * 16, 1, days_ago=10),
+               "d" * 16: hash_folder(tmp_path, "d" * 16, 1, days_ago=0)}
+    refused = vcompile_cli("cache", str(tmp_path), "--prune")
+    assert refused.returncode == 2 and "--prune needs --older-than DAYS, --max-size SIZE, or both" in refused.stderr
+    assert vcompile_cli("cache", str(tmp_path), "--older-than", "1").returncode == 2  # goes with --prune
+    dry = vcompile_cli("cache", str(tmp_path), "--prune", "--older-than", "15", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert [line.split()[2] for line in dry.stdout.splitlines()[:2]] == ["a" * 16, "b" * 16]
+    assert "would remove 2 folder(s), 2.0 MB; 2.0 MB would remain" in dry.stdout
+    assert all(os.path.isdir(f) for f in folders.values())
+    removed = vcompile_cli("cache", str(tmp_path), "--prune", "--older-than", "15")
+    assert removed.returncode == 0 and "removed 2 folder(s), 2.0 MB; 2.0 MB remain" in removed.stdout
+    assert sorted(os.listdir(tmp_path / "torch_aot_compile")) == ["c" * 16, "d" * 16]  # nothing half-removed left
+    by_size = vcompile.prune_cache(str(tmp_path), max_bytes=vcompile.parse_size("1.5M"))
+    assert [row["hash"] for row in by_size] == ["c" * 16]  # the oldest, until what is left fits
+    assert os.listdir(tmp_path / "torch_aot_compile") == ["d" * 16]
+    assert [vcompile.parse_size(t) for t in ("20G", "500M", "1.5k", "123", "2GiB")] == \
+        [20 * 2**30, 500 * 2**20, 1536, 123, 2 * 2**30]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_warm_start_racing_a_prune_of_its_own_folder_never_crashes(device, when, cold_cache, tmp_path):
+    # The prune renames the folder away just before (or just after) the start reads its artifact.
+    copy_cache(cold_cache(device)["hash_dir"], tmp_path)
+    marker = str(tmp_path / "at-load")
+    proc = start_child("child_decoder", root=str(tmp_path), device=device, pause_at_load=f"{when}:{marker}")
+    wait_for(marker, proc)
+    pruned = vcompile_cli("cache", str(tmp_path), "--prune", "--max-size", "0")
+    open(marker + ".go", "w").close()
+    result = finish_child(proc)
+    assert pruned.returncode == 0 and "removed 1 folder(s)" in pruned.stdout
+    assert_matches_eager(result, device)
+    warnings = [line for line in result["logs"] if line.startswith("WARNING")]
+    if when == "before":  # gone before it was read: compiled again, with the usual reason
+        assert len(warnings) == 1 and "Compiling model again due to a load failure from" in warnings[0]
+        assert "FileNotFoundError" in warnings[0]
+        assert_counters(result, num_aot_compiles=1, num_aot_artifacts_saved=1)
+    else:  # read whole before it went: loaded, its kernels built again where they are missing
+        assert warnings == [] and any(line.startswith("INFO Loaded the compiled model from") for line in result["logs"])
+        assert_counters(result, **WARM)
 
 
 # =============================================================================

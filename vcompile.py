@@ -29,6 +29,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import atexit
 import builtins
 import contextlib
 import dataclasses
@@ -49,6 +50,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -238,6 +240,11 @@ def monitor_torch_compile(config: CompilationConfig, is_encoder: bool = False):
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model     the AOT artifact
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model.py  its execution code, to read
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/pieces/   JIT mode's per-piece artifacts
+#
+# A cache is built once and then shipped: baked into a container image,
+# mounted read-only, copied to many nodes. A root that holds this model's
+# cache but cannot be written is loaded as it is (Inductor reads its kernels
+# through a writable view, below) and nothing is written under it.
 # =============================================================================
 
 
@@ -321,7 +328,7 @@ class CacheDir:
         return os.path.join(self.rank_dir, "model.unavailable")
 
 
-_warned_roots: set[str] = set()
+_reported_roots: set[str] = set()  # roots (and paths) already named in a log line: once per process
 
 
 def cache_hash(factors: dict) -> str:
@@ -341,12 +348,16 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
         with tempfile.TemporaryFile(dir=cache.rank_dir):  # the folders may exist on a read-only mount
             pass
     except OSError as e:
-        # A cache that cannot be written must not stop the model: compile in memory.
-        if root not in _warned_roots:
-            _warned_roots.add(root)
+        cache.writable = False
+        if root in _reported_roots:
+            return cache
+        _reported_roots.add(root)
+        if os.path.isfile(cache.model_path) or cache.has_pieces():  # a shipped cache: what it is for
+            logger.info("vcompile: the compile cache under %s is read-only (%s); loading from it and "
+                        "writing nothing there", root, e)
+        else:  # a cache that cannot be written must not stop the model: compile in memory
             logger.warning("vcompile: cannot write the compile cache under %s (%s); "
                            "compiling without saving", root, e)
-        cache.writable = False
     return cache
 
 
@@ -425,8 +436,11 @@ def record_cold_start(cache: CacheDir, factors: dict) -> None:
 
 
 def mark_loaded(cache: CacheDir) -> None:
-    # One utime per start (microseconds): the listing's "last loaded".
-    with contextlib.suppress(OSError):
+    # One utime per start (microseconds): the listing's "last loaded", and
+    # what `--prune` removes least recently loaded first.
+    if not cache.writable:
+        return
+    with contextlib.suppress(OSError):  # a folder pruned meanwhile
         path = os.path.join(cache.hash_dir, LAST_LOADED_FILE)
         open(path, "a").close()
         os.utime(path)
@@ -442,11 +456,14 @@ def inductor_cache_dir(cache: CacheDir | None):
     in-process lookups on entry and exit, so files another root produced
     earlier in this process are not reused by path.
     """
-    if cache is None or not cache.writable:
+    if cache is None:
         yield
         return
-    inductor_dir = command_line_safe(cache.inductor_dir)
-    if inductor_dir is None:  # warned: Inductor keeps its default folder
+    if cache.writable:
+        inductor_dir = command_line_safe(cache.inductor_dir)
+    else:
+        inductor_dir = writable_view(cache.inductor_dir) if os.path.isdir(cache.inductor_dir) else None
+    if inductor_dir is None:  # Inductor keeps its default folder
         yield
         return
     # Inductor pins TRITON_CACHE_DIR the first time it is needed; unpinned,
@@ -459,6 +476,38 @@ def inductor_cache_dir(cache: CacheDir | None):
         os.environ.pop("TRITON_CACHE_DIR", None)
         if triton_dir is not None:
             os.environ["TRITON_CACHE_DIR"] = triton_dir
+
+
+_views: dict[str, str] = {}  # read-only Inductor folder -> its writable view, one per process
+
+
+def writable_view(folder: str) -> str | None:
+    """A folder in the temp directory that mirrors a read-only Inductor
+    folder: the same tree of folders, each file a symlink to the read-only
+    one. Inductor looks kernels up by path and, even when it finds every one,
+    creates lock files beside them (and would write a kernel it must rebuild);
+    pointed at the read-only folder it fails to, and left at its default
+    folder it rebuilds every kernel with g++, slower than a cold compile. The
+    view costs one symlink per file (a few hundred for a small model, a few
+    milliseconds), once per process; it is removed when the process exits.
+    """
+    if folder in _views:
+        return _views[folder]
+    try:
+        view = tempfile.mkdtemp(prefix="vcompile-view-")
+        for parent, _, names in os.walk(folder):
+            mirror = os.path.join(view, os.path.relpath(parent, folder))
+            os.makedirs(mirror, exist_ok=True)
+            for name in names:
+                if not name.endswith(".lock"):  # a lock is written, never read
+                    os.symlink(os.path.join(parent, name), os.path.join(mirror, name))
+    except OSError as e:
+        logger.warning("vcompile: cannot make a writable view of %s (%s); Inductor keeps its default folder "
+                       "and rebuilds the kernels it cannot find", folder, e)
+        return None
+    atexit.register(shutil.rmtree, view, ignore_errors=True)
+    _views[folder] = view
+    return view
 
 
 def command_line_safe(path: str) -> str | None:
@@ -483,8 +532,8 @@ def command_line_safe(path: str) -> str | None:
             os.replace(tmp, link)  # atomic: processes racing here all end with the same link
         return link
     except OSError as e:
-        if path not in _warned_roots:
-            _warned_roots.add(path)
+        if path not in _reported_roots:
+            _reported_roots.add(path)
             logger.warning("vcompile: the cache path %r cannot go on a compiler command line and no link "
                            "to it could be made (%s); Inductor's own files stay in its default folder", path, e)
         return None
@@ -500,6 +549,7 @@ _HEADER = len(MAGIC) + 4 + 32
 def write_atomically(path: str, data: bytes) -> None:
     """Temporary file in the same folder, then os.replace: a reader, or a
     process killed mid-write, sees the old file or the new one, never half."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # the folder may be pruned after it was opened
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -814,6 +864,7 @@ class CompilerManager:
         self.blobs: dict[int, bytes] = {}  # id(artifact) -> its bytes, serialized once
         self.seconds: dict[Range, float] = defaultdict(float)  # compile time per entry, all pieces
         self.pieces_dir = pieces_dir  # JIT mode: artifacts on disk, keyed like the in-memory cache
+        self.save_pieces = pieces_dir is not None and os.access(pieces_dir, os.W_OK)  # False: a shipped cache
         self.bad_files: set[str] = set()
         self.loaded: dict[bytes, AOTCompiledArtifact] = {}  # file content hash -> artifact: load each once
 
@@ -886,7 +937,7 @@ class CompilerManager:
 
     def _save_piece(self, key, artifact) -> None:
         path = self._piece_path(key)
-        if path is None:
+        if path is None or not self.save_pieces:
             return
         try:
             write_artifact(path, self.blobs[id(artifact)])
@@ -1172,6 +1223,7 @@ def save_aot_artifact(cache: CacheDir, aot_fn, model: torch.nn.Module, installed
     that it loads back, ever; the model is marked to run the JIT way."""
     path = cache.model_path
     try:
+        os.makedirs(cache.rank_dir, exist_ok=True)  # torch writes a temporary file there; the folder may be pruned
         tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.raw"
         try:
             aot_fn.save_compiled_function(tmp, external_data=external_refs(model))
@@ -1363,6 +1415,12 @@ def compile(model: torch.nn.Module, config: CompilationConfig, *,
 
 _CONSTANT_TYPES = (bool, int, float, str, type(None))  # arguments Dynamo bakes into the graph, checked per call
 
+# Dynamo and Inductor are not thread-safe (pytorch issue 168042): two threads
+# tracing at once fail inside Dynamo ("CURRENT_PATCHER is None"). Every first
+# call in the process holds this lock; reentrant, for a compiled model whose
+# forward calls another one. Later calls take no lock.
+_first_call_lock = threading.RLock()
+
 
 class CompiledModel:
     """What compile() returns: call it as you would call the model."""
@@ -1383,12 +1441,14 @@ class CompiledModel:
     def __call__(self, *args, **kwargs):
         with torch.no_grad():  # inference: the pieces are compiled without a backward
             if self.fn is None:
-                # The whole first call: computing the cache key and entering the
-                # cache folder import Inductor's runtime (1 s on CPU on torch
-                # 2.15), the first run loads kernels; a total that started at
-                # the load, or stopped there, would hide them.
-                with monitor_torch_compile(self.config, self.is_encoder):
-                    return self._first_call(args, kwargs)
+                with _first_call_lock:
+                    if self.fn is None:  # a thread that waited finds it set and runs
+                        # The whole first call: computing the cache key and entering
+                        # the cache folder import Inductor's runtime (1 s on CPU on
+                        # torch 2.15), the first run loads kernels; a total that
+                        # started at the load, or stopped there, would hide them.
+                        with monitor_torch_compile(self.config, self.is_encoder):
+                            return self._first_call(args, kwargs)
             self._check_inputs(args, kwargs)
             return self.fn(*args, **kwargs)
 
@@ -1461,8 +1521,7 @@ class CompiledModel:
         warm = self.cache is not None and self.cache.has_pieces()
         if not self.config.use_aot and self.cache is not None and not warm:
             record_cold_start(self.cache, self.factors)
-        writable = self.cache is not None and self.cache.writable
-        compiled = self._torch_compile(pieces_dir=self.cache.pieces_dir if writable else None)
+        compiled = self._torch_compile(pieces_dir=self.cache.pieces_dir if self.cache is not None else None)
         trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config)
         _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here, after any AOT attempt
         with _tracing_patches():
@@ -1672,15 +1731,19 @@ def aot_unavailable(cache: CacheDir | None) -> str | None:
 
 
 # =============================================================================
-# 13. The cache from the command line
+# 13. The cache from the command line: list, remove, prune
 #
 #   python -m vcompile cache [ROOT] [--json]      what each hash folder holds
 #   python -m vcompile cache ROOT --remove HASH   delete one folder
+#   python -m vcompile cache ROOT --prune [--older-than DAYS] [--max-size SIZE] [--dry-run]
 #
 # A cache nobody can see into gets deleted whole the first time something
 # looks wrong, and every warm start with it. Each folder's factors file says
 # which model, torch and device it is for; its last_loaded file says when a
-# start last used it.
+# start last used it. And a cache only grows: every torch upgrade, config
+# change or model edit leaves a hash folder behind. Pruning removes whole
+# folders, least recently loaded first, each renamed away before it is
+# deleted, so a start that opens one at that moment finds all of it or none.
 # =============================================================================
 
 
@@ -1689,13 +1752,18 @@ def cache_listing(root: str) -> list[dict]:
     rows = []
     for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
         folder = os.path.join(parent, name)
-        if not os.path.isdir(folder):
+        if not re.fullmatch(r"[0-9a-f]{16}", name) or not os.path.isdir(folder):  # or one being removed
             continue
         factors: dict = {}
         with contextlib.suppress(OSError, ValueError):  # a folder from an older vcompile has none
             with open(os.path.join(folder, FACTORS_FILE)) as f:
                 factors = json.load(f)
-        loaded = os.path.join(folder, LAST_LOADED_FILE)
+        files = []
+        for parent_dir, _, names in os.walk(folder):
+            for file in names:
+                with contextlib.suppress(OSError):  # removed while we look
+                    files.append((file, os.lstat(os.path.join(parent_dir, file))))
+        loaded = next((stat.st_mtime for file, stat in files if file == LAST_LOADED_FILE), None)
         rank_dirs = [d for d in os.listdir(folder) if d.startswith("rank_")]
         rows.append({
             "hash": name,
@@ -1706,33 +1774,81 @@ def cache_listing(root: str) -> list[dict]:
             "compile_entries": factors.get("compile_entries"),
             "artifacts": sorted(os.path.join(d, "model") for d in rank_dirs
                                 if os.path.isfile(os.path.join(folder, d, "model"))),
-            "bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs),
-            "last_loaded": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(loaded)))
-            if os.path.exists(loaded) else None,
+            "bytes": sum(stat.st_size for _, stat in files),
+            "last_loaded": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loaded)) if loaded else None,
+            # What pruning goes by: the last load, else when the folder was last written.
+            "last_used": loaded or max((stat.st_mtime for _, stat in files), default=os.path.getmtime(folder)),
         })
     return rows
+
+
+def remove_hash_folder(folder: str) -> None:
+    doomed = os.path.join(os.path.dirname(folder), f".removing-{os.path.basename(folder)}-{uuid.uuid4().hex[:8]}")
+    os.rename(folder, doomed)  # atomic: a start sees the whole folder or none
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def prune_cache(root: str, older_than_days: float | None = None, max_bytes: int | None = None,
+                dry_run: bool = False) -> list[dict]:
+    """Removes whole hash folders under `root`, least recently used first:
+    every folder not loaded (or, never loaded, not written) for
+    `older_than_days`, then as many more as it takes to bring the root down
+    to `max_bytes`. Returns the listing rows of the folders it removed, or
+    with dry_run would remove."""
+    rows = sorted(cache_listing(root), key=lambda row: row["last_used"])
+    cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
+    remaining = sum(row["bytes"] for row in rows)
+    doomed = []
+    for row in rows:
+        if (cutoff is not None and row["last_used"] < cutoff) or (max_bytes is not None and remaining > max_bytes):
+            doomed.append(row)
+            remaining -= row["bytes"]
+    for row in doomed if not dry_run else []:
+        remove_hash_folder(row["path"])
+    return doomed
+
+
+def parse_size(text: str) -> int:
+    """'20G' -> 20 * 2**30; K, M, G, T are powers of 1024, a plain number is bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 20G)")
+    return int(float(match[1]) * 1024 ** "BKMGT".index(match[2].upper() or "B"))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vcompile", description="vcompile's compile cache.")
     commands = parser.add_subparsers(dest="command", required=True)
-    cache = commands.add_parser("cache", help="list the compiled models under a cache root, or remove one")
+    cache = commands.add_parser("cache", help="list the compiled models under a cache root, remove or prune them")
     cache.add_argument("root", nargs="?", help="the cache root (default: $VCOMPILE_CACHE_ROOT, else ~/.cache/vcompile)")
     cache.add_argument("--json", action="store_true", help="print the listing as JSON, for scripts")
     cache.add_argument("--remove", metavar="HASH", help="delete the hash folder HASH under the root")
+    cache.add_argument("--prune", action="store_true", help="remove hash folders, least recently loaded first")
+    cache.add_argument("--older-than", metavar="DAYS", type=float, help="with --prune: those unused for DAYS")
+    cache.add_argument("--max-size", metavar="SIZE", type=parse_size,
+                       help="with --prune: until the root holds at most SIZE (500M, 20G)")
+    cache.add_argument("--dry-run", action="store_true", help="with --prune: list what would go, remove nothing")
     args = parser.parse_args(argv)
     root = args.root or cache_root(CompilationConfig())
-    if args.remove is not None:
+    if (args.older_than is not None or args.max_size is not None or args.dry_run) and not args.prune:
+        parser.error("--older-than, --max-size and --dry-run go with --prune")
+    if args.prune:
+        if args.older_than is None and args.max_size is None:
+            parser.error("--prune needs --older-than DAYS, --max-size SIZE, or both")
+        print_pruned(root, prune_cache(root, args.older_than, args.max_size, args.dry_run), args.dry_run)
+    elif args.remove is not None:
         folder = os.path.join(root, "torch_aot_compile", args.remove)
         if not re.fullmatch(r"[0-9a-f]{16}", args.remove) or not os.path.isdir(folder):
             parser.error(f"no hash folder {args.remove!r} under {root}")
-        shutil.rmtree(folder)
+        remove_hash_folder(folder)
         print(f"removed {folder}")
-        return
-    rows = cache_listing(root)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return
+    elif args.json:
+        print(json.dumps(cache_listing(root), indent=1))
+    else:
+        print_listing(root, cache_listing(root))
+
+
+def print_listing(root: str, rows: list[dict]) -> None:
     if not rows:
         print(f"no compiled models under {root}")
         return
@@ -1744,6 +1860,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    torch {row['torch']}, {row['device']}")
             print(f"    compile entries: {', '.join(row['compile_entries'])}")
         print(f"    warm start from: {', '.join(row['artifacts']) or 'no AOT artifact'}")
+
+
+def print_pruned(root: str, rows: list[dict], dry_run: bool) -> None:
+    verb = "would remove" if dry_run else "removed"
+    for row in rows:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["last_used"]))
+        print(f"{verb} {row['hash']}  {row['model'] or '(no factors file)'}  {row['bytes'] / 2**20:.1f} MB  "
+              f"last used {used}")
+    left = sum(row["bytes"] for row in cache_listing(root)) - (sum(row["bytes"] for row in rows) if dry_run else 0)
+    print(f"{verb} {len(rows)} folder(s), {sum(row['bytes'] for row in rows) / 2**20:.1f} MB; "
+          f"{left / 2**20:.1f} MB {'would remain' if dry_run else 'remain'} under {root}")
 
 
 if __name__ == "__main__":
