@@ -4,6 +4,7 @@
     python bench.py --quick               # a first look: depths 2 and 8, fewer timed calls
     python bench.py --json out.json --plot out.png
     python bench.py --model hf-llama      # the same cases on a Hugging Face Llama (needs transformers)
+    python bench.py --generate            # decode speed: greedy tokens with a key/value cache
 
 Every case runs in a fresh Python process with its own empty caches where it
 is cold, so what it measures is what a new server process pays:
@@ -82,11 +83,14 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False)
         self.down = nn.Linear(ffn, hidden, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, positions=None):
         q, k, v = self.qkv(self.input_norm(x)).chunk(3, dim=-1)
-        x = x + self.o_proj(torch.ops.vcompile_bench.attention(q, k, v, self.num_heads))
+        x = x + self.o_proj(self.attention(q, k, v, positions))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+    def attention(self, q, k, v, positions):
+        return torch.ops.vcompile_bench.attention(q, k, v, self.num_heads)
 
 
 class Decoder(nn.Module):
@@ -159,6 +163,134 @@ def hf_model(name: str = "llama", layers: int = 2, hidden: int = 64, heads: int 
         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
         use_cache=False, attn_implementation="vcompile", **extra)
     return getattr(transformers, model_name)(config).eval()
+
+
+# --- generating text: a key/value cache behind the splitting op ----------------
+# What a compiled decoder is for at serving time: one prefill of the prompt,
+# then one token at a time. As in vLLM, the key/value cache lives outside the
+# compiled graph, inside the attention op: each attention layer owns cache
+# tensors, and the op writes this step's keys and values into them at the
+# token positions and attends over everything written so far. The op is the
+# splitting op, so the compiled pieces around it never see the cache; to
+# vcompile a step is a call with input ids and positions whose token
+# dimension is dynamic, 1 when decoding.
+
+
+@torch.library.custom_op("vcompile_kv::attention", mutates_args=("k_cache", "v_cache"))
+def kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (tokens, heads, head_dim), k and v (tokens, kv_heads, head_dim),
+    caches (max_tokens, kv_heads, head_dim), positions (tokens,). Writes k and
+    v at `positions`, then each query attends to every position up to its own."""
+    k_cache[positions] = k
+    v_cache[positions] = v
+    seen = int(positions.max()) + 1  # a later, longer sequence's leftovers beyond this are never read
+    mask = torch.arange(seen, device=q.device) <= positions[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k_cache[:seen].transpose(0, 1),
+                                         v_cache[:seen].transpose(0, 1), attn_mask=mask, scale=scale,
+                                         enable_gqa=True)
+    return out.transpose(0, 1).contiguous()
+
+
+@kv_attention.register_fake
+def _(q, k, v, k_cache, v_cache, positions, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+KV_SPLITTING_OPS = ["vcompile_kv::attention"]
+
+
+def add_kv_cache(module: nn.Module, max_tokens: int, kv_heads: int, head_dim: int) -> None:
+    """Gives an attention layer its own cache, preallocated for max_tokens
+    positions. Buffers, not parameters: read from the model at every call,
+    like the weights, and not saved in a state dict."""
+    for name in ("k_cache", "v_cache"):
+        module.register_buffer(name, torch.zeros(max_tokens, kv_heads, head_dim), persistent=False)
+
+
+class CachedDecoderLayer(DecoderLayer):
+    def __init__(self, hidden: int, heads: int, ffn: int, max_tokens: int):
+        super().__init__(hidden, heads, ffn)
+        add_kv_cache(self, max_tokens, heads, hidden // heads)
+
+    def attention(self, q, k, v, positions):
+        tokens, hidden = q.shape
+        q, k, v = (t.view(tokens, self.num_heads, hidden // self.num_heads) for t in (q, k, v))
+        out = torch.ops.vcompile_kv.attention(q, k, v, self.k_cache, self.v_cache, positions,
+                                              (hidden // self.num_heads) ** -0.5)
+        return out.view(tokens, hidden)
+
+
+class CachedDecoder(Decoder):
+    """Decoder with a key/value cache in every layer, and a language-model
+    head. input_ids and position_ids (tokens,) in, logits (tokens, vocab) out."""
+
+    def __init__(self, layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128, vocab: int = 256,
+                 max_tokens: int = 256):
+        super().__init__(layers, hidden, heads, ffn, vocab)
+        self.layers = nn.ModuleList(CachedDecoderLayer(hidden, heads, ffn, max_tokens) for _ in range(layers))
+        # Not tied to the embedding: with random weights a tied head picks the
+        # input token again at every step, and a test of decoding would compare
+        # runs of one repeated token.
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids, position_ids):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, position_ids)
+        return self.lm_head(self.norm(x))
+
+
+def hf_kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
+                    **kwargs):
+    """AttentionInterface's signature, batch 1: the layer's own cache, at the
+    positions transformers passes down from the model's position_ids."""
+    out = torch.ops.vcompile_kv.attention(query[0].transpose(0, 1), key[0].transpose(0, 1),
+                                          value[0].transpose(0, 1), module.k_cache, module.v_cache,
+                                          position_ids[0], scaling)
+    return out[None], None  # (batch, tokens, heads, head_dim), as transformers wants
+
+
+def hf_cached_model(name: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128,
+                    vocab: int = 256, max_tokens: int = 256) -> nn.Module:
+    """A small Hugging Face causal LM (logits out) whose attention layers
+    each own a key/value cache. input_ids and position_ids (1, tokens) in."""
+    import transformers
+    from transformers.masking_utils import AttentionMaskInterface
+
+    transformers.AttentionInterface.register("vcompile_kv", hf_kv_attention)
+    AttentionMaskInterface.register("vcompile_kv", lambda *args, **kwargs: None)  # the op masks by position
+    config_name, _, extra = HF_MODELS[name]
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
+        use_cache=False, attn_implementation="vcompile_kv", **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    for layer in model.model.layers:
+        add_kv_cache(layer.self_attn, max_tokens, config.num_key_value_heads, hidden // heads)
+    return model
+
+
+def generate(fn, model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding: one prefill call over the prompt, then one call per
+    token, positions counted from 0 (a new prompt overwrites the cache). `fn`
+    is the model or a compiled model. Returns the new token ids and the
+    logits each step chose from."""
+    cache_size = next(b.shape[0] for name, b in model.named_buffers() if name.endswith("k_cache"))
+    if prompt_ids.shape[-1] + new_tokens > cache_size:
+        raise ValueError(f"{prompt_ids.shape[-1]} prompt tokens and {new_tokens} new ones do not fit a "
+                         f"key/value cache of {cache_size} positions")
+    batched = prompt_ids.dim() == 2  # Hugging Face models take (1, tokens)
+    ids, positions = prompt_ids, torch.arange(prompt_ids.shape[-1], device=prompt_ids.device)
+    tokens, steps = [], []
+    for _ in range(new_tokens):
+        out = fn(input_ids=ids, position_ids=positions[None] if batched else positions)
+        logits = (out.logits[0] if batched else out)[-1]
+        token = logits.argmax()
+        tokens.append(token)
+        steps.append(logits)
+        ids, positions = token.view(1, 1) if batched else token.view(1), positions[-1:] + 1
+    return torch.stack(tokens), torch.stack(steps)
 
 
 def hidden_states(out) -> torch.Tensor:
@@ -287,8 +419,8 @@ def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict
 
 # A case's process starts the clock before `import torch`, so imports count.
 _CHILD = ("import time, sys; t0 = time.perf_counter(); import json; "
-          "args = json.loads(sys.argv[1]); import bench; "
-          "print('\\n' + json.dumps(bench.run_case(started=t0, **args)))")
+          "args = json.loads(sys.argv[1]); import bench; run = getattr(bench, args.pop('runner')); "
+          "print('\\n' + json.dumps(run(started=t0, **args)))")
 
 
 def case_dirs(parent: str) -> dict:
@@ -301,7 +433,7 @@ def case_dirs(parent: str) -> dict:
 
 
 def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, iters: int,
-          repeats: int = 1, model_name: str = "decoder") -> dict:
+          repeats: int = 1, model_name: str = "decoder", runner: str = "run_case") -> dict:
     """Runs a case (the cheap ones several times) and reports each number's
     median over the runs; the JSON keeps every run's first output and steady state."""
     runs = []
@@ -309,18 +441,17 @@ def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, i
         if case in EMPTIED:
             shutil.rmtree(dirs[EMPTIED[case]], ignore_errors=True)
             os.makedirs(dirs[EMPTIED[case]])
-        runs.append(spawn_once(case, layers, device, dirs, model_kwargs, iters, model_name))
+        runs.append(spawn_once(case, layers, device, dirs, model_kwargs, iters, model_name, runner))
     result = dict(runs[0])
     for key, value in runs[0].items():
         if isinstance(value, float):
             result[key] = statistics.median(r[key] for r in runs)
-    result["first_output_runs_s"] = [r["first_output_s"] for r in runs]
-    result["steady_runs_ms"] = [r["steady_ms"] for r in runs]
+    result["runs"] = [{k: v for k, v in r.items() if isinstance(v, float)} for r in runs]
     return result
 
 
 def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, iters: int,
-               model_name: str) -> dict:
+               model_name: str, runner: str = "run_case") -> dict:
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
     env.pop("TRITON_CACHE_DIR", None)
     cache = dirs["vcompile_nocodegen"] if "nocodegen" in case else dirs["vcompile"]
@@ -330,8 +461,8 @@ def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: di
         env["TORCHINDUCTOR_CACHE_DIR"] = glob.glob(os.path.join(cache, "torch_aot_compile", "*", "inductor_cache"))[0]
     else:  # vcompile sets its own; eager compiles nothing
         env["TORCHINDUCTOR_CACHE_DIR"] = dirs["scratch"]
-    args = dict(case=case, layers=layers, device=device, cache=cache, model_kwargs=model_kwargs, iters=iters,
-                model_name=model_name)
+    args = dict(runner=runner, case=case, layers=layers, device=device, cache=cache, model_kwargs=model_kwargs,
+                iters=iters, model_name=model_name)
     argv = [sys.executable, "-c", _CHILD, json.dumps(args)]
     if case == "vcompile_warm_ro":  # the root vcompile_cold filled, shipped read-only
         argv, env = read_only(cache, argv, env)
@@ -441,6 +572,85 @@ def table(results: dict, depths: list[int], summary: dict) -> str:
     return "\n".join(lines)
 
 
+# --- bench.py --generate: decode speed ------------------------------------------
+
+GEN_CASES = ["eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_warm"]
+# The decode step is one token, a compile size of its own; prompts fall in the ranges.
+GEN_CONFIG = dict(compile_sizes=[1], compile_ranges_endpoints=[64], max_num_batched_tokens=256)
+PROMPT_SIZE, NEW_TOKENS = 64, 32
+
+
+def run_generate_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict, started: float,
+                      model_name: str = "decoder", iters: int = 0) -> dict:
+    """One --generate case, in its own process: greedy decoding of NEW_TOKENS
+    after a PROMPT_SIZE-token prompt, every step timed."""
+    uses_vcompile = case.startswith("vcompile")
+    if uses_vcompile:
+        import vcompile
+    result: dict = {"import_s": time.perf_counter() - started}
+    torch.manual_seed(0)
+    hf = model_name.startswith("hf-")
+    kwargs = {**model_kwargs, "max_tokens": GEN_CONFIG["max_num_batched_tokens"]}
+    model = (hf_cached_model(model_name[3:], layers, **kwargs) if hf else CachedDecoder(layers, **kwargs)).to(device)
+    prompt = torch.randint(0, model_kwargs["vocab"], (PROMPT_SIZE,), device=device)
+    prompt = prompt[None] if hf else prompt
+    if case == "eager":
+        fn = model
+    elif case.startswith("stock"):
+        fn = torch.compile(model, fullgraph=True)  # a graph for the prompt, then one for a token
+    else:
+        cfg = vcompile.CompilationConfig(splitting_ops=KV_SPLITTING_OPS, cache_dir=cache, **GEN_CONFIG)
+        token_dim = 1 if hf else 0  # Hugging Face models take (batch, tokens)
+        fn = vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": token_dim, "position_ids": token_dim})
+    ends = []
+
+    def timed_step(**inputs):
+        out = fn(**inputs)
+        _sync(device)
+        ends.append(time.perf_counter())
+        return out
+
+    with torch.no_grad():
+        tokens, _ = generate(timed_step, model, prompt, NEW_TOKENS)
+    steps = [b - a for a, b in zip(ends, ends[1:])]  # a step: the call, the argmax, the loop
+    result.update(first_token_s=ends[0] - started, first_decode_ms=1000 * steps[0],
+                  decode_tokens_per_s=1 / statistics.median(steps[1:]), tokens=tokens.tolist())
+    if uses_vcompile:
+        result.update(monitor_s=cfg.compilation_time, counters=dataclasses.asdict(vcompile.counters))
+    return result
+
+
+def generate_summary(results: dict, depths: list[int]) -> dict:
+    out: dict = {}
+    for layers in depths:
+        r = results[layers]
+        out[layers] = {
+            "decode_vcompile_over_stock": r["vcompile_warm"]["decode_tokens_per_s"] / r["stock_warm"]["decode_tokens_per_s"],
+            "decode_vcompile_over_eager": r["vcompile_warm"]["decode_tokens_per_s"] / r["eager"]["decode_tokens_per_s"],
+            "first_token_warm_stock_minus_vcompile_s": r["stock_warm"]["first_token_s"] - r["vcompile_warm"]["first_token_s"],
+            "same_tokens_as_eager": {case: r[case]["tokens"] == r["eager"]["tokens"] for case in GEN_CASES},
+        }
+    return out
+
+
+def generate_table(results: dict, depths: list[int], summary: dict) -> str:
+    lines = []
+    for layers in depths:
+        lines.append(f"\n{layers} layers: {NEW_TOKENS} tokens after a {PROMPT_SIZE}-token prompt")
+        lines.append(f"  {'case':16} {'first token':>12} {'monitor':>8} {'first decode step':>18} {'decode':>12}  tokens")
+        for case in GEN_CASES:
+            r = results[layers][case]
+            monitor = f"{r['monitor_s']:7.2f}s" if "monitor_s" in r else f"{'':8}"
+            same = "(reference)" if case == "eager" else "same" if summary[layers]["same_tokens_as_eager"][case] else "DIFFER"
+            lines.append(f"  {LABELS[case]:16} {r['first_token_s']:11.2f}s {monitor} {r['first_decode_ms']:16.1f}ms "
+                         f"{r['decode_tokens_per_s']:7.1f} tok/s  {same}")
+        d = summary[layers]
+        lines.append(f"  decode: vcompile/stock {d['decode_vcompile_over_stock']:.2f}x, vcompile/eager "
+                     f"{d['decode_vcompile_over_eager']:.2f}x; first token warm: vcompile "
+                     f"{d['first_token_warm_stock_minus_vcompile_s']:.2f} s ahead of stock")
+    return "\n".join(lines)
+
+
 def plot(results: dict, depths: list[int], path: str) -> None:
     import matplotlib
 
@@ -476,7 +686,12 @@ def main(argv=None) -> None:
     parser.add_argument("--json", metavar="PATH", help="write every number, with device, torch version and date")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG (needs matplotlib)")
     parser.add_argument("--keep", metavar="DIR", help="keep the caches in DIR instead of a temporary folder")
+    parser.add_argument("--generate", action="store_true",
+                        help=f"decode speed instead: {NEW_TOKENS} greedy tokens after a {PROMPT_SIZE}-token prompt, "
+                             "with a key/value cache")
     args = parser.parse_args(argv)
+    if args.plot and args.generate:
+        parser.error("--plot draws the compile cases; it does not go with --generate")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -493,8 +708,13 @@ def main(argv=None) -> None:
     import vcompile
 
     device_name = vcompile.device_description(torch.device(args.device))
-    print(f"bench: {args.model} on {args.device} ({device_name}), torch {torch.__version__}, layers {depths}, "
-          f"first output at {FIRST_SIZE} tokens, steady state at {STEADY_SIZE} tokens x {iters} calls", flush=True)
+    cases, runner = (GEN_CASES, "run_generate_case") if args.generate else (CASES, "run_case")
+    if args.generate:
+        print(f"bench --generate: {args.model} on {args.device} ({device_name}), torch {torch.__version__}, layers "
+              f"{depths}, {NEW_TOKENS} greedy tokens after a {PROMPT_SIZE}-token prompt", flush=True)
+    else:
+        print(f"bench: {args.model} on {args.device} ({device_name}), torch {torch.__version__}, layers {depths}, "
+              f"first output at {FIRST_SIZE} tokens, steady state at {STEADY_SIZE} tokens x {iters} calls", flush=True)
 
     base = args.keep or tempfile.mkdtemp(prefix="vcompile-bench-")
     results: dict = {}
@@ -508,30 +728,39 @@ def main(argv=None) -> None:
         for layers in depths:
             dirs = case_dirs(os.path.join(base, f"{layers}-layers"))
             results[layers] = {}
-            for case in CASES:
+            for case in cases:
                 r = spawn(case, layers, args.device, dirs, model_kwargs, iters, repeats=1 if args.quick else 3,
-                          model_name=args.model)
+                          model_name=args.model, runner=runner)
                 results[layers][case] = r
-                monitor = f", monitor {r['monitor_s']:.2f} s" if "monitor_s" in r else ""
-                print(f"  {layers:>3} layers  {LABELS[case].strip():28} first output {r['first_output_s']:7.2f} s "
-                      f"(import {r['import_s']:.2f} s{monitor}), steady {r['steady_ms']:.2f} ms", flush=True)
+                print(f"  {layers:>3} layers  {progress_line(case, r)}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
-    summary = ratios(results, depths)
-    print(table(results, depths, summary))
+    summary = generate_summary(results, depths) if args.generate else ratios(results, depths)
+    print(generate_table(results, depths, summary) if args.generate else table(results, depths, summary))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model_name": args.model, "device": args.device, "device_name": device_name, "torch": torch.__version__,
-                       "python": platform.python_version(), "date": datetime.date.today().isoformat(),
-                       "model": model_kwargs, "config": CONFIG, "first_size": FIRST_SIZE,
-                       "steady_size": STEADY_SIZE, "steady_calls": iters,
+            json.dump({"model_name": args.model, "device": args.device, "device_name": device_name,
+                       "torch": torch.__version__, "python": platform.python_version(),
+                       "date": datetime.date.today().isoformat(), "model": model_kwargs,
+                       **({"config": GEN_CONFIG, "prompt_size": PROMPT_SIZE, "new_tokens": NEW_TOKENS}
+                          if args.generate else {"config": CONFIG, "first_size": FIRST_SIZE,
+                                                 "steady_size": STEADY_SIZE, "steady_calls": iters}),
                        "results": results, "ratios": summary}, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
         plot(results, depths, args.plot)
         print(f"wrote {args.plot}")
+
+
+def progress_line(case: str, r: dict) -> str:
+    monitor = f", monitor {r['monitor_s']:.2f} s" if "monitor_s" in r else ""
+    if "first_token_s" in r:
+        return (f"{LABELS[case]:28} first token {r['first_token_s']:7.2f} s (import {r['import_s']:.2f} s{monitor}), "
+                f"decode {r['decode_tokens_per_s']:.1f} tokens/s")
+    return (f"{LABELS[case].strip():28} first output {r['first_output_s']:7.2f} s (import {r['import_s']:.2f} s"
+            f"{monitor}), steady {r['steady_ms']:.2f} ms")
 
 
 if __name__ == "__main__":

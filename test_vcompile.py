@@ -2003,17 +2003,101 @@ def test_a_warm_start_racing_a_prune_of_its_own_folder_never_crashes(device, whe
 
 
 # =============================================================================
-# bench.py (not a section of vcompile.py): its cases and its Hugging Face model
+# bench.py (not a section of vcompile.py): its cases, its Hugging Face models,
+# and generating text with a key/value cache behind the splitting op
 # =============================================================================
 
 
-def test_bench_runs_a_hugging_face_llama(tmp_path):
+GENERATE_CONFIG = dict(compile_sizes=[1], compile_ranges_endpoints=[16], max_num_batched_tokens=64)
+
+
+def cached_model(name: str, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = bench.CachedDecoder(max_tokens=64) if name == "decoder" else bench.hf_cached_model(name, max_tokens=64)
+    return model.to(device)
+
+
+def prompt_ids(name: str, size: int, device: str) -> torch.Tensor:
+    ids = token_ids(size, device)
+    return ids if name == "decoder" else ids[None]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["decoder", "llama"])
+def test_cached_attention_decodes_what_recomputing_the_whole_sequence_gives(device, name):
+    if name != "decoder":
+        pytest.importorskip("transformers")
+    model = cached_model(name, device)
+    prompt = prompt_ids(name, 20, device)
+    with torch.no_grad():
+        tokens, steps = bench.generate(model, model, prompt, 8)
+        sequence = prompt
+        for token, logits in zip(tokens, steps):  # no cache: the whole sequence from position 0, every step
+            positions = torch.arange(sequence.shape[-1], device=device)
+            out = model(input_ids=sequence, position_ids=positions if name == "decoder" else positions[None])
+            torch.testing.assert_close((out if name == "decoder" else out.logits[0])[-1], logits,
+                                       atol=TOL[device], rtol=TOL[device])
+            sequence = torch.cat([sequence, token.view(sequence.shape[:-1] + (1,))], dim=-1)
+    with pytest.raises(ValueError, match="20 prompt tokens and 45 new ones do not fit a key/value cache of 64"):
+        bench.generate(model, model, prompt, 45)
+
+
+def child_generate(root: str, device: str) -> dict:
+    """32 greedy tokens after a 20-token prompt, then 8 after a 12-token one,
+    eager and compiled, for bench.CachedDecoder and a Hugging Face Llama."""
+    results = {}
+    for name in ("decoder", "llama"):
+        model = cached_model(name, device)
+        dims = {"input_ids": 0, "position_ids": 0} if name == "decoder" else {"input_ids": 1, "position_ids": 1}
+        fn = vcompile.compile(model, CompilationConfig(splitting_ops=bench.KV_SPLITTING_OPS, cache_dir=root,
+                                                       **GENERATE_CONFIG), dynamic_arg_dims=dims)
+        after_each_call = []
+
+        def step(**inputs):
+            out = fn(**inputs)
+            after_each_call.append(counter_values())
+            return out
+
+        result = {}
+        for prompt_size, new_tokens in ((20, 32), (12, 8)):  # the second prompt overwrites the first's cache
+            with torch.no_grad():
+                eager_tokens, eager_logits = bench.generate(model, model, prompt_ids(name, prompt_size, device), new_tokens)
+                tokens, logits = bench.generate(step, model, prompt_ids(name, prompt_size, device), new_tokens)
+            result[prompt_size] = {"same_tokens": tokens.tolist() == eager_tokens.tolist(),
+                                   "varied": len(set(eager_tokens.tolist())) > 1,
+                                   "logits_error": (logits - eager_logits).abs().max().item()}
+        result["compiled_after_first_call"] = after_each_call[-1] != after_each_call[0]
+        results[name] = result
+    return {"models": results, "counters": counter_values()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generating_with_a_key_value_cache_matches_eager_cold_and_warm(device, tmp_path):
+    pytest.importorskip("transformers")
+    cold = run_child("child_generate", root=str(tmp_path), device=device)
+    warm = run_child("child_generate", root=str(tmp_path), device=device)
+    assert_counters(cold, num_aot_compiles=2, num_aot_artifacts_saved=2, num_aot_artifacts_loaded=0)
+    assert_counters(warm, num_aot_artifacts_loaded=2, num_graphs_seen=0, num_inductor_compiles=0)
+    for start in (cold, warm):
+        for name, result in start["models"].items():
+            for prompt_size in ("20", "12"):
+                assert result[prompt_size]["same_tokens"] and result[prompt_size]["varied"], (name, result)
+                assert result[prompt_size]["logits_error"] <= TOL[device], (name, result)
+            assert not result["compiled_after_first_call"], name  # the prefill compiled everything
+
+
+def test_bench_generates_with_a_hugging_face_llama(tmp_path):
+    # bench.py --generate --model hf-llama, three of its cases: a Llama whose
+    # attention layers own their caches, decoding the bench's prompt.
     pytest.importorskip("transformers")
     dirs = bench.case_dirs(str(tmp_path))
-    kwargs = dict(layers=2, device="cpu", dirs=dirs, model_kwargs={**bench.MODEL, "hidden": 64}, iters=2,
-                  model_name="hf-llama")
-    cold, warm = (bench.spawn_once(case, **kwargs) for case in ("vcompile_cold", "vcompile_warm"))
-    assert cold["max_error"] <= 1e-3 and warm["max_error"] <= 1e-3
+    kwargs = dict(layers=1, device="cpu", dirs=dirs, model_kwargs={**bench.MODEL, "hidden": 64}, iters=0,
+                  model_name="hf-llama", runner="run_generate_case")
+    eager, cold, warm = (bench.spawn_once(case, **kwargs) for case in ("eager", "vcompile_cold", "vcompile_warm"))
+    assert len(eager["tokens"]) == bench.NEW_TOKENS and len(set(eager["tokens"])) > 1
+    assert cold["tokens"] == eager["tokens"] and warm["tokens"] == eager["tokens"]
+    for result in (eager, cold, warm):
+        assert result["first_token_s"] > result["import_s"] > 0 and result["decode_tokens_per_s"] > 0
     if AOT_WRAPS_HF:
         assert warm["counters"]["num_aot_artifacts_loaded"] == 1 and warm["counters"]["num_inductor_compiles"] == 0
 
