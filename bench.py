@@ -452,7 +452,8 @@ def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, i
 
 def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, iters: int,
                model_name: str, runner: str = "run_case") -> dict:
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), here]))}
     env.pop("TRITON_CACHE_DIR", None)
     cache = dirs["vcompile_nocodegen"] if "nocodegen" in case else dirs["vcompile"]
     if case.startswith("stock"):
@@ -467,7 +468,7 @@ def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: di
     if case == "vcompile_warm_ro":  # the root vcompile_cold filled, shipped read-only
         argv, env = read_only(cache, argv, env)
     started = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=here)
     if proc.returncode != 0:
         raise RuntimeError(f"bench case {case} at {layers} layers failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

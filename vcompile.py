@@ -840,7 +840,15 @@ def inductor_compile(graph: fx.GraphModule, example_inputs: list, entry: Range) 
 
 def artifact_bytes(artifact: AOTCompiledArtifact) -> bytes:
     with torch._functorch.config.patch(bundled_autograd_cache=True):
-        return artifact.serialize()
+        data = artifact.serialize()
+    # Equal artifacts can serialize to different bytes: pickle writes a string
+    # once per object, and a graph Inductor has just compiled holds equal
+    # strings as separate objects where one read back from Inductor's cache
+    # shares them. A piece's later ranges come back from that cache, so a cold
+    # save stored (and every warm start loaded) the piece once per range.
+    # Pickled again from its own unpickling, an artifact's bytes depend only on
+    # what it holds; the round trip costs about a millisecond per artifact.
+    return pickle.dumps(pickle.loads(data))
 
 
 def load_artifact(data: bytes) -> AOTCompiledArtifact:
