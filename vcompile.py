@@ -931,7 +931,8 @@ class CompilerManager:
         path = self._piece_path(key)
         try:
             data = read_artifact(path)
-            # The ranges of one piece compile to identical bytes: load those once.
+            # A piece's ranges compile to equal artifacts, and artifact_bytes gives
+            # those equal bytes: load each once.
             digest = hashlib.sha256(data).digest()
             if digest not in self.loaded:
                 self.loaded[digest] = load_artifact(data)
