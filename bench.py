@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Copyright 2026 The vcompile authors
 """bench.py: warm versus cold compile, vcompile against stock torch.compile and eager.
 
     python bench.py                       # depths 2, 8, 32 on the best device present

@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Copyright 2026 The vcompile authors
 """Tests for vcompile.py, one block per section of the module, same banners.
 
 Every block has tests parametrized over the devices present (CPU always,
@@ -21,6 +23,7 @@ import operator
 import os
 import pathlib
 import pickle
+import re
 import shlex
 import shutil
 import subprocess
@@ -699,6 +702,7 @@ def test_a_cold_start_leaves_its_factors_and_a_warm_one_reads_none(device, cold_
     with open(os.path.join(cold["hash_dir"], vcompile.FACTORS_FILE)) as f:
         saved = json.load(f)
     assert saved["model"] == "bench.Decoder" and saved["torch"][0] == torch.__version__
+    assert saved.pop("vcompile_version") == vcompile.__version__  # who wrote it, beside the key
     assert vcompile.cache_hash(saved) == os.path.basename(cold["hash_dir"])  # the factors the hash was made from
     assert any("this is its first compile here" in line for line in cold["logs"])
     copy_cache(cold["hash_dir"], tmp_path)
@@ -978,6 +982,8 @@ def test_cache_hash_changes_with_what_changes_the_code(monkeypatch):
     }
     monkeypatch.setattr(torch, "__version__", "2.99.0")
     changed["torch version"] = hash_of(decoder("cpu"), cfg)
+    monkeypatch.setattr(vcompile, "__name__", "myproj._vendor.vcompile")
+    changed["a vendored copy"] = hash_of(decoder("cpu"), cfg)
     monkeypatch.undo()
     with torch._inductor.config.patch(max_autotune=True):
         changed["inductor config"] = hash_of(decoder("cpu"), cfg)
@@ -2093,13 +2099,14 @@ def test_the_cache_command_lists_and_removes_hash_folders(device, cold_cache, tm
     listing = vcompile_cli("cache", str(tmp_path))
     assert listing.returncode == 0, listing.stderr
     assert f"2 compiled model(s) under {tmp_path}" in listing.stdout
-    assert f"{name}  bench.Decoder" in listing.stdout and f"torch {torch.__version__}" in listing.stdout
+    assert f"{name}  bench.Decoder" in listing.stdout
+    assert f"written by vcompile {vcompile.__version__}, torch {torch.__version__}" in listing.stdout
     assert "compile entries: [4, 4], [1, 8], [9, 32]" in listing.stdout
     assert "0123456789abcdef  (no factors file)" in listing.stdout and "last loaded never" in listing.stdout
     run_child("child_decoder", root=str(tmp_path), device=device, sizes=[9])
     rows = {row["hash"]: row for row in json.loads(cache_command(str(tmp_path), "--json").stdout)}
     row = rows[name]
-    assert row["model"] == "bench.Decoder" and row["device"] == vcompile.device_description(torch.device(device))
+    assert row["model"] == "bench.Decoder" and row["vcompile"] == vcompile.__version__ and row["device"] == vcompile.device_description(torch.device(device))
     assert row["compile_entries"] == ["[4, 4]", "[1, 8]", "[9, 32]"] and row["artifacts"] == ["rank_0_0/model"]
     assert row["bytes"] == folder_bytes(copy) and row["last_loaded"] is not None
     assert cache_command(str(tmp_path), "--remove", "../../etc").returncode == 2
@@ -2311,3 +2318,102 @@ def test_bench_plot_without_matplotlib_says_so(tmp_path):
             f"sys.argv = ['bench.py', '--plot', {str(tmp_path / 'x.png')!r}]; runpy.run_path('bench.py', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--plot needs matplotlib, which is not installed" in proc.stderr
+
+
+# =============================================================================
+# Vendoring (not a section of vcompile.py): the one file, copied into another
+# project under another package name, with its license and version
+# =============================================================================
+
+# A project that vendors vcompile: its own model and its own splitting op,
+# vcompile.py copied to myproj/_vendor/, nothing else of this repository.
+VENDORING_PROJECT = '''
+import sys
+import torch
+from myproj._vendor import vcompile
+
+torch.library.define("myproj::mix", "(Tensor x) -> Tensor")
+torch.library.impl("myproj::mix", "default", lambda x: x.softmax(-1))
+torch.library.register_fake("myproj::mix", lambda x: torch.empty_like(x))
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.down(torch.ops.myproj.mix(self.up(x).relu())) + x
+
+
+def run(root, device):
+    torch.manual_seed(0)
+    model = Model().to(device)
+    config = vcompile.CompilationConfig(splitting_ops=["myproj::mix"], cache_dir=root,
+                                        compile_ranges_endpoints=[4], max_num_batched_tokens=16)
+    fn = vcompile.compile(model, config)
+    errors = {}
+    with torch.no_grad():
+        for size in (1, 4, 5, 16):
+            x = torch.randn(size, 16, device=device)
+            errors[size] = (fn(x) - model(x)).abs().max().item()
+    counters = {f: getattr(vcompile.counters, f) for f in vcompile.CompilationCounter.__dataclass_fields__}
+    # the installed vcompile (this repository's) must play no part
+    return {"errors": errors, "counters": counters, "imported_vcompile": "vcompile" in sys.modules}
+'''
+
+
+def vendored_project(tmp_path) -> tuple[str, dict]:
+    """myproj/_vendor/vcompile.py under tmp_path, and an environment whose
+    path holds that project and none of this repository."""
+    vendor = tmp_path / "myproj" / "_vendor"
+    vendor.mkdir(parents=True)
+    (tmp_path / "myproj" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(os.path.join(REPO, "vcompile.py"), vendor / "vcompile.py")
+    (tmp_path / "myproj" / "model.py").write_text(VENDORING_PROJECT)
+    return str(tmp_path), {**os.environ, "PYTHONPATH": os.pathsep.join([known_isa_path(), str(tmp_path)])}
+
+
+def test_the_file_carries_its_license_and_version():
+    for name in ("vcompile.py", "bench.py", "test_vcompile.py"):
+        with open(os.path.join(REPO, name)) as f:
+            assert f.readline() == "# SPDX-License-Identifier: Apache-2.0\n" and f.readline().startswith("# Copyright")
+    with open(os.path.join(REPO, "LICENSE")) as f:
+        assert "Apache License" in f.readline() + f.readline()
+    import importlib.metadata
+
+    assert re.fullmatch(r"\d+\.\d+\.\d+", vcompile.__version__)
+    assert importlib.metadata.version("vcompile") == vcompile.__version__  # pyproject reads it from the file
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_vendored_copy_compiles_starts_warm_and_lists_its_cache(device, tmp_path):
+    project, env = vendored_project(tmp_path / "project")
+    root = str(tmp_path / "cache root")
+
+    def start() -> dict:
+        code = "import json, sys, myproj.model as m; print(json.dumps(m.run(*sys.argv[1:])))"
+        proc = subprocess.run([sys.executable, "-c", code, root, device], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    cold, warm = start(), start()
+    for result in (cold, warm):
+        assert_matches_eager(result, device)
+        assert not result["imported_vcompile"]
+    assert cold["counters"]["num_aot_artifacts_saved"] == 1 and cold["counters"]["num_inductor_compiles"] > 0
+    assert_counters(warm, **WARM)
+
+    def cli(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "myproj._vendor.vcompile", "cache", root, *args], cwd=project,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    listing, as_json, usage = cli(), cli("--json"), cli("--prune")
+    assert listing.returncode == 0, listing.stderr
+    assert "1 compiled model(s)" in listing.stdout and "myproj.model.Model" in listing.stdout
+    assert f"written by vcompile {vcompile.__version__}, torch {torch.__version__}" in listing.stdout
+    [row] = json.loads(as_json.stdout)
+    assert row["vcompile"] == vcompile.__version__ and row["artifacts"] == ["rank_0_0/model"]
+    assert usage.returncode == 2 and "python -m myproj._vendor.vcompile: error: --prune needs" in usage.stderr

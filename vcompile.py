@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
+# Copyright 2026 The vcompile authors
 """vcompile: how vLLM drives torch.compile, in one file.
 
 One Dynamo trace. A backend that splits the graph at attention-like ops and
@@ -27,6 +29,10 @@ Usage:
 """
 
 from __future__ import annotations
+
+# Copied into another project, the file says which vcompile it is; pyproject
+# reads its version from here.
+__version__ = "0.2.0"
 
 import argparse
 import atexit
@@ -266,6 +272,9 @@ def cache_key_factors(model: torch.nn.Module, config: CompilationConfig, is_enco
 
     return {
         "vcompile_format": FORMAT_VERSION,
+        # A vendored copy pickles its own module path into what it saves: a
+        # folder it wrote is its own, not the installed vcompile's.
+        "vcompile_module": __name__,
         "python": platform.python_version(),  # the artifact holds bytecode
         "torch": [torch.__version__, torch.version.git_version, torch.version.cuda],
         "inductor_config": inductor_config.save_config_portable(),
@@ -384,6 +393,7 @@ def explain_miss(cache: CacheDir, factors: dict) -> None:
         with contextlib.suppress(OSError, ValueError):
             with open(path) as f:
                 other = json.load(f)
+            other.pop("vcompile_version", None)  # who wrote the folder, not part of its key
             if other.get("model") == factors["model"]:
                 nearest.append((factor_differences(other, factors), name))
     if not nearest:
@@ -429,8 +439,10 @@ def record_cold_start(cache: CacheDir, factors: dict) -> None:
     try:
         explain_miss(cache, factors)
         if cache.writable:
+            # The version is left out of the hash (FORMAT_VERSION says when a
+            # file cannot be read) and kept here, for the listing.
             write_atomically(os.path.join(cache.hash_dir, FACTORS_FILE),
-                             json.dumps(factors, indent=1, default=str).encode())
+                             json.dumps({**factors, "vcompile_version": __version__}, indent=1, default=str).encode())
     except Exception as e:  # an explanation must never stop the model
         logger.debug("vcompile: cannot explain or record this cache miss: %s", describe(e))
 
@@ -1778,6 +1790,7 @@ def cache_listing(root: str) -> list[dict]:
             "hash": name,
             "path": folder,
             "model": factors.get("model"),
+            "vcompile": factors.get("vcompile_version"),  # None: written before 0.2.0
             "torch": (factors.get("torch") or [None])[0],
             "device": factors.get("device"),
             "compile_entries": factors.get("compile_entries"),
@@ -1826,7 +1839,9 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vcompile", description="vcompile's compile cache.")
+    # A vendored copy runs as `python -m myproj._vendor.vcompile`: say so in its usage.
+    module = __spec__.name if __spec__ is not None else "vcompile"
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=f"vcompile {__version__}'s compile cache.")
     commands = parser.add_subparsers(dest="command", required=True)
     cache = commands.add_parser("cache", help="list the compiled models under a cache root, remove or prune them")
     cache.add_argument("root", nargs="?", help="the cache root (default: $VCOMPILE_CACHE_ROOT, else ~/.cache/vcompile)")
@@ -1866,7 +1881,7 @@ def print_listing(root: str, rows: list[dict]) -> None:
         print(f"\n{row['hash']}  {row['model'] or '(no factors file)'}  {row['bytes'] / 2**20:.1f} MB  "
               f"last loaded {row['last_loaded'] or 'never'}")
         if row["model"] is not None:
-            print(f"    torch {row['torch']}, {row['device']}")
+            print(f"    written by vcompile {row['vcompile'] or 'older than 0.2.0'}, torch {row['torch']}, {row['device']}")
             print(f"    compile entries: {', '.join(row['compile_entries'])}")
         print(f"    warm start from: {', '.join(row['artifacts']) or 'no AOT artifact'}")
 
