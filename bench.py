@@ -243,6 +243,122 @@ class CachedDecoder(Decoder):
         return self.lm_head(self.norm(x))
 
 
+# --- decoders written the way people write them --------------------------------
+# Layout work in traced code: GPT-2 ports reshape slices of one qkv matmul,
+# nanoGPT and gpt-fast view to (batch, tokens, heads, head_dim), transpose,
+# and after attention call .contiguous() before a view. Each of those asks
+# whether a stride matters at the size traced, the questions that made a
+# traced graph refuse one token. The attention op below takes nanoGPT's
+# (batch, heads, tokens, head_dim) layout.
+
+
+@torch.library.custom_op("vcompile_kv::attention_bhsd", mutates_args=("k_cache", "v_cache"))
+def kv_attention_bhsd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """kv_attention for q, k, v of (1, heads, tokens, head_dim)."""
+    out = kv_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), k_cache, v_cache,
+                       positions, scale)
+    return out.transpose(0, 1)[None].contiguous()
+
+
+@kv_attention_bhsd.register_fake
+def _(q, k, v, k_cache, v_cache, positions, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+KV_SPLITTING_OPS.append("vcompile_kv::attention_bhsd")
+
+
+class GPT2Block(nn.Module):
+    """Input (tokens, hidden), as vLLM's GPT-2 takes it."""
+
+    def __init__(self, d: int, heads: int, max_tokens: int):
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        add_kv_cache(self, max_tokens, heads, d // heads)
+
+    def forward(self, x, positions):
+        t, d = x.shape
+        q, k, v = (z.reshape(t, self.heads, d // self.heads) for z in self.qkv(self.ln1(x)).split(d, -1))
+        y = torch.ops.vcompile_kv.attention(q, k, v, self.k_cache, self.v_cache, positions, (d // self.heads) ** -0.5)
+        x = x + self.proj(y.reshape(t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class NanoGPTBlock(nn.Module):
+    """nanoGPT's CausalSelfAttention and MLP; input (1, tokens, hidden)."""
+
+    def __init__(self, d: int, heads: int, max_tokens: int):
+        super().__init__()
+        self.n_embd, self.n_head = d, heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        add_kv_cache(self, max_tokens, heads, d // heads)
+
+    def forward(self, x, positions):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(self.ln_1(x)).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = torch.ops.vcompile_kv.attention_bhsd(q, k, v, self.k_cache, self.v_cache, positions[0],
+                                                 1.0 / (k.size(-1) ** 0.5))
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        x = x + self.c_proj(y)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class GPTFastBlock(nn.Module):
+    """gpt-fast's Attention and FeedForward; input (1, tokens, hidden)."""
+
+    def __init__(self, d: int, heads: int, max_tokens: int):
+        super().__init__()
+        self.dim, self.n_head, self.head_dim = d, heads, d // heads
+        self.attention_norm, self.ffn_norm = RMSNorm(d), RMSNorm(d)
+        self.wqkv, self.wo = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.w1, self.w3 = nn.Linear(d, 2 * d, bias=False), nn.Linear(d, 2 * d, bias=False)
+        self.w2 = nn.Linear(2 * d, d, bias=False)
+        add_kv_cache(self, max_tokens, heads, d // heads)
+
+    def forward(self, x, positions):
+        bsz, seqlen, _ = x.shape
+        q, k, v = self.wqkv(self.attention_norm(x)).split([self.dim, self.dim, self.dim], dim=-1)
+        q = q.view(bsz, seqlen, self.n_head, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_head, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_head, self.head_dim)
+        q, k, v = map(lambda x: x.transpose(1, 2), (q, k, v))
+        y = torch.ops.vcompile_kv.attention_bhsd(q, k, v, self.k_cache, self.v_cache, positions[0],
+                                                 self.head_dim ** -0.5)
+        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, self.dim)
+        h = x + self.wo(y)
+        return h + self.w2(F.silu(self.w1(self.ffn_norm(h))) * self.w3(self.ffn_norm(h)))
+
+
+STYLE_BLOCKS = {"gpt2": GPT2Block, "nanogpt": NanoGPTBlock, "gpt-fast": GPTFastBlock}
+
+
+class StyleDecoder(nn.Module):
+    """A language model of STYLE_BLOCKS[style] layers: input_ids and
+    position_ids (tokens,) for gpt2, (1, tokens) for the others; logits out."""
+
+    def __init__(self, style: str, layers: int = 2, hidden: int = 64, heads: int = 4, vocab: int = 256,
+                 max_tokens: int = 256):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, hidden), nn.Embedding(max_tokens, hidden)
+        self.h = nn.ModuleList(STYLE_BLOCKS[style](hidden, heads, max_tokens) for _ in range(layers))
+        self.ln_f, self.lm_head = nn.LayerNorm(hidden), nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids, position_ids):
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        for block in self.h:
+            x = block(x, position_ids)
+        return self.lm_head(self.ln_f(x))
+
+
 def hf_kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
                     **kwargs):
     """AttentionInterface's signature, batch 1: the layer's own cache, at the
@@ -287,7 +403,8 @@ def generate(fn, model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) ->
     tokens, steps = [], []
     for _ in range(new_tokens):
         out = fn(input_ids=ids, position_ids=positions[None] if batched else positions)
-        logits = (out.logits[0] if batched else out)[-1]
+        logits = getattr(out, "logits", out)  # a Hugging Face ModelOutput, or the logits
+        logits = (logits[0] if batched else logits)[-1]
         token = logits.argmax()
         tokens.append(token)
         steps.append(logits)

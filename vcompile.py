@@ -72,9 +72,10 @@ from torch._dynamo.aot_compile import SerializableCallable
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from torch._inductor.standalone_compile import AOTCompiledArtifact
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, ShapeEnv
 from torch.fx.passes.split_module import split_module
 from torch.utils._sympy.printers import PythonPrinter
+from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 # =============================================================================
 # 1. Config, ranges, counters, logging
@@ -178,6 +179,8 @@ class CompilationCounter:
     num_compiled_artifacts_saved: int = 0  # unique piece artifacts written to disk
     num_compiled_artifacts_loaded: int = 0  # unique piece artifacts read from disk
     num_aot_compiles: int = 0
+    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 11)
+    num_backed_traces: int = 0  # graphs traced backed, their guards on the token count kept (section 5)
     num_aot_artifacts_saved: int = 0
     num_aot_artifacts_loaded: int = 0
     num_fx_graph_deserializations: int = 0  # only the use_codegen=False baseline has any
@@ -374,6 +377,10 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
 # a miss can say what changed (below) and `python -m vcompile cache` can say
 # what a folder holds. Only cold starts touch them: a warm load reads none.
 FACTORS_FILE = "cache_key_factors.json"
+# Kept in that file beside the factors, not hashed: the vcompile that wrote
+# the folder (FORMAT_VERSION says when a file cannot be read) and how the
+# token count was traced (section 11).
+NOT_FACTORS = ("vcompile_version", "traced")
 LAST_LOADED_FILE = "last_loaded"  # its mtime: when a start last loaded from this folder
 
 
@@ -393,7 +400,8 @@ def explain_miss(cache: CacheDir, factors: dict) -> None:
         with contextlib.suppress(OSError, ValueError):
             with open(path) as f:
                 other = json.load(f)
-            other.pop("vcompile_version", None)  # who wrote the folder, not part of its key
+            for key in NOT_FACTORS:
+                other.pop(key, None)
             if other.get("model") == factors["model"]:
                 nearest.append((factor_differences(other, factors), name))
     if not nearest:
@@ -439,12 +447,21 @@ def record_cold_start(cache: CacheDir, factors: dict) -> None:
     try:
         explain_miss(cache, factors)
         if cache.writable:
-            # The version is left out of the hash (FORMAT_VERSION says when a
-            # file cannot be read) and kept here, for the listing.
             write_atomically(os.path.join(cache.hash_dir, FACTORS_FILE),
                              json.dumps({**factors, "vcompile_version": __version__}, indent=1, default=str).encode())
     except Exception as e:  # an explanation must never stop the model
         logger.debug("vcompile: cannot explain or record this cache miss: %s", describe(e))
+
+
+def record_trace(cache: CacheDir, traced: str) -> None:
+    """After a cold start's trace: "unbacked" or "backed", for the listing."""
+    path = os.path.join(cache.hash_dir, FACTORS_FILE)
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+        write_atomically(path, json.dumps({**recorded, "traced": traced}, indent=1).encode())
+    except Exception as e:  # as above
+        logger.debug("vcompile: cannot record how %s was traced: %s", cache.hash_dir, describe(e))
 
 
 def mark_loaded(cache: CacheDir) -> None:
@@ -659,6 +676,10 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 # exactly those (every other guard stays dropped) as a table from each size up
 # to max_num_batched_tokens to the entry that runs it, saved with the
 # artifact, and refuses a size where a guard fails: one list index per call.
+# A trace with the token count unbacked (section 11) records no guard, only
+# runtime asserts (`torch._check(x.shape[0] <= 42)` becomes `u0 <= 42`),
+# which the compiled code would raise from inside a kernel: the table keeps
+# those too, and refuses 43 with the check named before anything runs.
 # =============================================================================
 
 
@@ -706,18 +727,24 @@ def size_symbols(fake_args: list) -> set:
 
 
 def size_guards(fake_args: list) -> list[tuple[str, str]]:
-    """The guards Dynamo recorded on the token count alone, as Python
-    expressions in `size` (`size >= 4`), each with the line of model code
-    that made it. Read before any piece compiles: an Inductor cache hit adds
-    the guards of whichever trace filled that cache, not this one's."""
+    """The guards Dynamo recorded on the token count alone, and the runtime
+    asserts an unbacked trace recorded instead, as Python expressions in
+    `size` (`size >= 4`), each guard with the line of model code that made
+    it. Read before any piece compiles: an Inductor cache hit adds the guards
+    of whichever trace filled that cache, not this one's."""
     dims = size_symbols(fake_args)
     shape_env = next((a.fake_mode.shape_env for a in fake_args if isinstance(a, FakeTensor)), None)
+    if shape_env is None:
+        return []
     size = sympy.Symbol("size", integer=True, positive=True)
+    found = [(g.expr, getattr(g.sloc, "maybe_user_loc", None)) for g in shape_env.guards]
+    found += [(a.expr, None) for asserts in shape_env.deferred_runtime_asserts.values() for a in asserts]
     guards: dict[str, str] = {}
-    for guard in shape_env.guards if shape_env is not None else []:
-        if guard.expr.free_symbols and guard.expr.free_symbols <= dims:
-            text = PythonPrinter().doprint(guard.expr.xreplace(dict.fromkeys(dims, size)))
-            guards.setdefault(text, getattr(guard.sloc, "maybe_user_loc", None) or "")
+    for expr, where in found:
+        if expr.free_symbols and expr.free_symbols <= dims:
+            expr = expr.xreplace(dict.fromkeys(dims, size))
+            if expr is not sympy.true:  # Eq(u1, u0): two token dims, one size
+                guards.setdefault(PythonPrinter().doprint(expr), where or "")
     return list(guards.items())
 
 
@@ -1375,6 +1402,11 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
                            "specialized the token dimension (check dynamic_arg_dims)")
 
     guards = size_guards(fakes)  # Dynamo's alone: before any compile adds others
+    traced = "unbacked" if any(symbol_is_type(s, SymT.UNBACKED_INT) for s in size_symbols(fakes)) else "backed"
+    if traced == "unbacked":
+        counters.num_unbacked_traces += 1
+    else:
+        counters.num_backed_traces += 1
     split_gm, pieces = split_graph(gm, config.splitting_ops)
     counters.num_piecewise_graphs_seen += len(pieces)
     compile_names = [name for name, is_splitting in pieces if not is_splitting]
@@ -1399,6 +1431,7 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
         "size_at": where_is_the_size(fakes),
         "size_guards": guards,
         "size_table": table,
+        "traced": traced,
         "pieces": pieces_state,
         "blobs": blobs,
         "submod_names": compile_names,
@@ -1424,6 +1457,21 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 #     Dynamo traces at every start, and the backend loads each piece saved
 #     by an earlier start instead of compiling it.
 # Later calls check their inputs against what was compiled, and run.
+#
+# How the token count is traced (vLLM PR 44256 for the unbacked mode). A
+# dynamic size Dynamo may guard on ("backed") has, under
+# backed_size_oblivious, a range that holds 1. So every layout question in
+# traced code (reshape of a split slice, .contiguous() after a transpose, as
+# GPT-2 ports, nanoGPT and gpt-fast write attention) records `size != 1`,
+# which cannot be told from a real `if t == 1:`: kept as a size guard, it
+# refused one-token decoding. An unbacked size admits no guard at all: each
+# layout question takes the answer that holds at every size, and nothing is
+# recorded. So the first trace marks the token dims unbacked. A model that
+# branches on the count cannot be traced so (Dynamo raises "Could not guard
+# on data-dependent expression", in a fraction of a second, as it does in
+# Hugging Face's mask helpers); it is traced backed, as before, its guards
+# kept as the size table of section 5, and one INFO line says where and
+# which sizes that refuses.
 # =============================================================================
 
 
@@ -1513,15 +1561,19 @@ class CompiledModel:
     def _compile_and_save(self, args, kwargs, dims):
         """The AOT function, traced once and saved; None when it cannot be
         saved so that it loads back (section 12)."""
-        global _compile_started_at
-        compiled = self._torch_compile(pieces_dir=None)
-        self.compiled_fn = None  # set by the backend: then any failure is torch's, wrapping its result
-        inputs = trace_inputs(self.__signature__, args, kwargs, dims, self.config)
         module_globals = set(self.model.forward.__globals__)
-        _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here
-        try:
+
+        def aot_compile(unbacked: bool):
+            global _compile_started_at
+            compiled = self._torch_compile(pieces_dir=None)
+            self.compiled_fn = None  # set by the backend: then any failure is torch's, wrapping its result
+            inputs = trace_inputs(self.__signature__, args, kwargs, dims, self.config, unbacked)
+            _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here
             with _tracing_patches():
-                aot_fn = compiled.aot_compile(inputs)
+                return compiled.aot_compile(inputs)
+
+        try:
+            aot_fn = self._unbacked_else_backed(aot_compile)
         except Exception as e:
             if self.compiled_fn is None:  # the model itself failed to trace or compile
                 raise
@@ -1531,6 +1583,7 @@ class CompiledModel:
         counters.num_aot_compiles += 1
         if self.cache is None or not self.cache.writable:
             return aot_fn
+        record_trace(self.cache, self.compiled_fn.state["traced"])
         installed = installed_globals(aot_fn, module_globals)
         saved = save_aot_artifact(self.cache, aot_fn, self.model, installed, self.device, self.compiled_fn.state)
         return aot_fn if saved else None
@@ -1538,22 +1591,45 @@ class CompiledModel:
     def _trace(self, args, kwargs, dims):
         """JIT mode: Dynamo traces, and the backend compiles each piece, or
         loads it from the cache folder where an earlier start saved it."""
-        global _compile_started_at
         warm = self.cache is not None and self.cache.has_pieces()
         if not self.config.use_aot and self.cache is not None and not warm:
             record_cold_start(self.cache, self.factors)
-        compiled = self._torch_compile(pieces_dir=self.cache.pieces_dir if self.cache is not None else None)
-        trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config)
-        _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here, after any AOT attempt
-        with _tracing_patches():
-            # Dynamo traces, the backend compiles or loads every piece, then
-            # the call runs: in JIT mode they cannot be separated.
-            out = compiled(*trace_args, **trace_kwargs)
-        self.fn = compiled
+
+        def trace_and_run(unbacked: bool):
+            global _compile_started_at
+            compiled = self._torch_compile(pieces_dir=self.cache.pieces_dir if self.cache is not None else None)
+            trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config, unbacked)
+            _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here, after any AOT attempt
+            with _tracing_patches():
+                # Dynamo traces, the backend compiles or loads every piece, then
+                # the call runs: in JIT mode they cannot be separated.
+                out = compiled(*trace_args, **trace_kwargs)
+            # A one-token call traced at two runs again as itself (its size may fail a guard).
+            rerun = not unbacked and traced_at_two(self.__signature__, args, kwargs, dims, self.config)
+            return compiled, compiled(*args, **kwargs) if rerun else out
+
+        self.fn, out = self._unbacked_else_backed(trace_and_run)
+        if self.cache is not None and self.cache.writable and not warm:
+            record_trace(self.cache, self.compiled_fn.state["traced"])
         if warm:
             mark_loaded(self.cache)
-        # A one-token call traced at two now runs as itself (its size may fail a guard).
-        return compiled(*args, **kwargs) if trace_args is not args else out
+        return out
+
+    def _unbacked_else_backed(self, trace: Callable[[bool], Any]):
+        """trace(unbacked=True), or, where the model decides something on the
+        token count, trace(unbacked=False), saying where and what it costs."""
+        try:
+            return trace(True)
+        except Exception as e:
+            decided = data_dependent_decision(e)
+            if decided is None:
+                raise
+        result = trace(False)
+        table = self.compiled_fn.state["size_table"]
+        refused = [size for size, index in enumerate(table) if index == GUARD_FAILS]
+        logger.info("vcompile: the token count cannot be traced unbacked: the model decides %s; traced backed, "
+                    "%s", decided, f"which refuses sizes {sizes_in_words(refused)}" if refused else "every size runs")
+        return result
 
     def _torch_compile(self, pieces_dir: str | None):
         # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
@@ -1597,26 +1673,66 @@ class CompiledModel:
 
 
 def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int],
-                 config: CompilationConfig) -> tuple[tuple, dict]:
-    """The inputs Dynamo traces, their token dims marked dynamic.
+                 config: CompilationConfig, unbacked: bool) -> tuple[tuple, dict]:
+    """The inputs Dynamo traces: the first call's, each token dim marked
+    unbacked, or for a backed trace marked dynamic.
+
+    Marks are attributes of a tensor object, so each trace marks new objects
+    (detached views of the caller's): a backed retry that found the unbacked
+    marks still on the caller's tensors would trace unbacked again. Every dim
+    in dynamic_arg_dims is the token count: one shape_id makes them one
+    symbol, where two would leave `Eq(u1, u0)` for nothing to decide.
 
     vLLM traces a dummy batch of max_num_batched_tokens, never a caller's.
-    vcompile traces the first call's inputs, and at one token a trace
+    vcompile traces the first call's inputs, and at one token a backed trace
     takes stride decisions that hold only there: a transpose of a size-1
     dim is contiguous, so `.contiguous()` and `reshape` become views. With
     every guard dropped a Hugging Face Llama then gave NaN at 8 tokens; with
-    the size guards kept it would refuse every size but 1. A one-token call
-    is traced at two tokens, its tensors repeated along the token dim.
+    the size guards kept it would refuse every size but 1. So a backed trace
+    of a one-token call runs at two tokens, its tensors repeated along the
+    token dim. An unbacked trace decides nothing at the size it sees.
     """
-    bound = signature.bind(*args, **kwargs)
-    if config.max_num_batched_tokens > 1 and any(bound.arguments[n].shape[d] == 1 for n, d in dims.items()):
-        for name, dim in dims.items():
-            value = bound.arguments[name]
-            bound.arguments[name] = value.repeat(*[2 if d == dim % value.dim() else 1 for d in range(value.dim())])
-        args, kwargs = bound.args, bound.kwargs
+    # Each input stays where the call put it: the code Dynamo writes for a
+    # forward taking (*args, **kwargs), as Hugging Face's wrappers do, reads
+    # them from there, and a keyword traced as a position fails at the next call.
+    repeat = not unbacked and traced_at_two(signature, args, kwargs, dims, config)
+    args, kwargs, names = list(args), dict(kwargs), list(signature.parameters)
     for name, dim in dims.items():
-        torch._dynamo.mark_dynamic(bound.arguments[name], dim)
-    return args, kwargs
+        position = names.index(name)
+        value = args[position] if position < len(args) else kwargs[name]
+        dim %= value.dim()
+        value = value.repeat(*[2 if d == dim else 1 for d in range(value.dim())]) if repeat else value.detach()
+        if position < len(args):
+            args[position] = value
+        else:
+            kwargs[name] = value
+        if unbacked:
+            torch._dynamo.decorators.mark_unbacked(value, dim, shape_id="vcompile_tokens")
+        else:
+            torch._dynamo.mark_dynamic(value, dim)
+    return tuple(args), kwargs
+
+
+def traced_at_two(signature: inspect.Signature, args, kwargs, dims: dict[str, int], config: CompilationConfig) -> bool:
+    """A one-token call that a backed trace runs at two tokens (above)."""
+    arguments = signature.bind(*args, **kwargs).arguments
+    return config.max_num_batched_tokens > 1 and any(arguments[n].shape[d] == 1 for n, d in dims.items())
+
+
+def data_dependent_decision(e: Exception) -> str | None:
+    """What an unbacked trace could not decide, and where, as Dynamo said it
+    (`size >= 4` at `if x.size()[0] >= 4:  # model.py:12 in forward`); None
+    when the trace failed for another reason, which a backed trace would not cure."""
+    cause = e
+    while cause is not None and not isinstance(cause, GuardOnDataDependentSymNode):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    text = str(e)
+    expr = re.search(r"data-dependent expression (.+?) \(", text)
+    where = re.search(r"^Caused by: (.+?)(?: \([^()]*:\d+ in \w+\))?$", text, re.MULTILINE)
+    decided = "`" + re.sub(r"\bu\d+\b", "size", expr[1]) + "`" if expr else "on a data-dependent expression"
+    return decided + (f" at `{where[1].strip()}`" if where else "")
 
 
 @contextlib.contextmanager
@@ -1791,6 +1907,7 @@ def cache_listing(root: str) -> list[dict]:
             "path": folder,
             "model": factors.get("model"),
             "vcompile": factors.get("vcompile_version"),  # None: written before 0.2.0
+            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 11); None: not yet, or before 0.2.0
             "torch": (factors.get("torch") or [None])[0],
             "device": factors.get("device"),
             "compile_entries": factors.get("compile_entries"),
@@ -1883,6 +2000,9 @@ def print_listing(root: str, rows: list[dict]) -> None:
         if row["model"] is not None:
             print(f"    written by vcompile {row['vcompile'] or 'older than 0.2.0'}, torch {row['torch']}, {row['device']}")
             print(f"    compile entries: {', '.join(row['compile_entries'])}")
+            if row["traced"] is not None:
+                print("    traced: " + {"unbacked": "unbacked, no guard on the token count",
+                                        "backed": "backed, its guards on the token count kept"}[row["traced"]])
         print(f"    warm start from: {', '.join(row['artifacts']) or 'no AOT artifact'}")
 
 
