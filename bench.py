@@ -28,6 +28,7 @@ on GPU). The small decoder below is also what test_vcompile.py compiles.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import functools
@@ -698,6 +699,31 @@ GEN_CASES = ["eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_war
 # The decode step is one token, a compile size of its own; prompts fall in the ranges.
 GEN_CONFIG = dict(compile_sizes=[1], compile_ranges_endpoints=[64], max_num_batched_tokens=256)
 PROMPT_SIZE, NEW_TOKENS = 64, 32
+# Decode speed is timed in one process, the three calls of each step in turn,
+# so that a slower stretch of the machine slows all three alike: a short
+# prompt, then a token at every position the cache has left.
+ALTERNATED_PROMPT = 16
+
+
+def generate_model(model_name: str, layers: int, model_kwargs: dict, device: str):
+    """The --generate model and a prompt for it. "decoder" is written the
+    nanoGPT way: transpose, .contiguous() and view in traced code."""
+    torch.manual_seed(0)
+    kwargs = {**model_kwargs, "max_tokens": GEN_CONFIG["max_num_batched_tokens"]}
+    if model_name.startswith("hf-"):
+        model = hf_cached_model(model_name[3:], layers, **kwargs)
+    else:
+        kwargs.pop("ffn")
+        model = StyleDecoder("nanogpt", layers, **kwargs)
+    prompt = torch.randint(0, model_kwargs["vocab"], (1, PROMPT_SIZE), device=device)
+    return model.to(device), prompt
+
+
+def vcompile_generate(model: nn.Module, cache: str):
+    import vcompile
+
+    cfg = vcompile.CompilationConfig(splitting_ops=KV_SPLITTING_OPS, cache_dir=cache, **GEN_CONFIG)
+    return vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": 1, "position_ids": 1}), cfg
 
 
 def run_generate_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict, started: float,
@@ -708,20 +734,13 @@ def run_generate_case(case: str, layers: int, device: str, cache: str, model_kwa
     if uses_vcompile:
         import vcompile
     result: dict = {"import_s": time.perf_counter() - started}
-    torch.manual_seed(0)
-    hf = model_name.startswith("hf-")
-    kwargs = {**model_kwargs, "max_tokens": GEN_CONFIG["max_num_batched_tokens"]}
-    model = (hf_cached_model(model_name[3:], layers, **kwargs) if hf else CachedDecoder(layers, **kwargs)).to(device)
-    prompt = torch.randint(0, model_kwargs["vocab"], (PROMPT_SIZE,), device=device)
-    prompt = prompt[None] if hf else prompt
+    model, prompt = generate_model(model_name, layers, model_kwargs, device)
     if case == "eager":
         fn = model
     elif case.startswith("stock"):
         fn = torch.compile(model, fullgraph=True)  # a graph for the prompt, then one for a token
     else:
-        cfg = vcompile.CompilationConfig(splitting_ops=KV_SPLITTING_OPS, cache_dir=cache, **GEN_CONFIG)
-        token_dim = 1 if hf else 0  # Hugging Face models take (batch, tokens)
-        fn = vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": token_dim, "position_ids": token_dim})
+        fn, cfg = vcompile_generate(model, cache)
     ends = []
 
     def timed_step(**inputs):
@@ -740,13 +759,39 @@ def run_generate_case(case: str, layers: int, device: str, cache: str, model_kwa
     return result
 
 
+def run_decode_alternated(case: str, layers: int, device: str, cache: str, model_kwargs: dict, started: float,
+                          model_name: str = "decoder", iters: int = 0) -> dict:
+    """Decode step times of eager, stock torch.compile and vcompile (warm
+    from `cache`), in one process, the three calls of each step in turn:
+    medians over every position the cache has after a short prompt."""
+    model, _ = generate_model(model_name, layers, model_kwargs, device)
+    fns = {"eager": model, "stock": torch.compile(copy.deepcopy(model), fullgraph=True),
+           "vcompile": vcompile_generate(copy.deepcopy(model), cache)[0]}
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    times: dict = {name: [] for name in fns}
+    with torch.no_grad():
+        prompt = torch.arange(ALTERNATED_PROMPT, device=device)[None]
+        for fn in fns.values():  # compiles or loads, and stock's graph for one token
+            fn(input_ids=prompt, position_ids=prompt)
+            fn(input_ids=ids, position_ids=prompt[:, -1:] + 1)
+        for position in range(ALTERNATED_PROMPT, GEN_CONFIG["max_num_batched_tokens"]):
+            positions = torch.full((1, 1), position, device=device)
+            for name, fn in fns.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                fn(input_ids=ids, position_ids=positions)
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+    return {"steps": len(times["eager"]), **{f"{name}_step_ms": 1000 * statistics.median(t) for name, t in times.items()}}
+
+
 def generate_summary(results: dict, depths: list[int]) -> dict:
     out: dict = {}
     for layers in depths:
-        r = results[layers]
+        r, steps = results[layers], results[layers]["alternated"]
         out[layers] = {
-            "decode_vcompile_over_stock": r["vcompile_warm"]["decode_tokens_per_s"] / r["stock_warm"]["decode_tokens_per_s"],
-            "decode_vcompile_over_eager": r["vcompile_warm"]["decode_tokens_per_s"] / r["eager"]["decode_tokens_per_s"],
+            "decode_vcompile_over_stock": steps["vcompile_step_ms"] / steps["stock_step_ms"],
+            "decode_vcompile_over_eager": steps["vcompile_step_ms"] / steps["eager_step_ms"],
             "first_token_warm_stock_minus_vcompile_s": r["stock_warm"]["first_token_s"] - r["vcompile_warm"]["first_token_s"],
             "same_tokens_as_eager": {case: r[case]["tokens"] == r["eager"]["tokens"] for case in GEN_CASES},
         }
@@ -764,10 +809,12 @@ def generate_table(results: dict, depths: list[int], summary: dict) -> str:
             same = "(reference)" if case == "eager" else "same" if summary[layers]["same_tokens_as_eager"][case] else "DIFFER"
             lines.append(f"  {LABELS[case]:16} {r['first_token_s']:11.2f}s {monitor} {r['first_decode_ms']:16.1f}ms "
                          f"{r['decode_tokens_per_s']:7.1f} tok/s  {same}")
-        d = summary[layers]
-        lines.append(f"  decode: vcompile/stock {d['decode_vcompile_over_stock']:.2f}x, vcompile/eager "
-                     f"{d['decode_vcompile_over_eager']:.2f}x; first token warm: vcompile "
-                     f"{d['first_token_warm_stock_minus_vcompile_s']:.2f} s ahead of stock")
+        d, steps = summary[layers], results[layers]["alternated"]
+        lines.append(f"  decode step, medians of {steps['steps']} alternated in one process: eager "
+                     f"{steps['eager_step_ms']:.2f} ms, stock {steps['stock_step_ms']:.2f} ms, vcompile "
+                     f"{steps['vcompile_step_ms']:.2f} ms: vcompile/stock {d['decode_vcompile_over_stock']:.2f}x, "
+                     f"vcompile/eager {d['decode_vcompile_over_eager']:.2f}x")
+        lines.append(f"  first token warm: vcompile {d['first_token_warm_stock_minus_vcompile_s']:.2f} s ahead of stock")
     return "\n".join(lines)
 
 
@@ -853,6 +900,9 @@ def main(argv=None) -> None:
                           model_name=args.model, runner=runner)
                 results[layers][case] = r
                 print(f"  {layers:>3} layers  {progress_line(case, r)}", flush=True)
+            if args.generate:
+                results[layers]["alternated"] = spawn_once("alternated", layers, args.device, dirs, model_kwargs, 0,
+                                                           args.model, "run_decode_alternated")
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

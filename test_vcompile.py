@@ -2303,12 +2303,13 @@ def test_generating_with_a_key_value_cache_matches_eager_cold_and_warm(device, t
     names = ["decoder", "llama", *bench.STYLE_BLOCKS]
     cold = run_child("child_generate", root=str(tmp_path), device=device, names=names)
     warm = run_child("child_generate", root=str(tmp_path), device=device, names=names)
-    aot = len(names) - (0 if AOT_WRAPS_HF else 1)  # torch 2.11 runs the Hugging Face model the JIT way (section 12)
+    # torch 2.11 runs the Hugging Face model the JIT way (section 12), tracing it a second time.
+    aot, hf_traces = len(names) - (0 if AOT_WRAPS_HF else 1), 1 if AOT_WRAPS_HF else 2
     assert_counters(cold, num_aot_compiles=aot, num_aot_artifacts_saved=aot, num_aot_artifacts_loaded=0,
-                    num_unbacked_traces=len(names) - 1, num_backed_traces=1)
+                    num_unbacked_traces=len(names) - 1, num_backed_traces=hf_traces)
     assert_counters(warm, num_aot_artifacts_loaded=aot, num_graphs_seen=len(names) - aot, num_inductor_compiles=0)
     # Transformers' mask code decides on the token count: the Llama falls back to a backed trace and says so.
-    assert cold["models"]["llama"]["counters"]["num_backed_traces"] == 1
+    assert cold["models"]["llama"]["counters"]["num_backed_traces"] == hf_traces
     assert any(line.startswith("INFO vcompile: the token count cannot be traced unbacked: the model decides ")
                for line in cold["models"]["llama"]["logs"])
     assert_generates_what_eager_generates(cold, warm, device)
@@ -2355,6 +2356,22 @@ def test_bench_generates_with_a_hugging_face_llama(tmp_path, monkeypatch):
         assert result["first_token_s"] > result["import_s"] > 0 and result["decode_tokens_per_s"] > 0
     if AOT_WRAPS_HF:
         assert warm["counters"]["num_aot_artifacts_loaded"] == 1 and warm["counters"]["num_inductor_compiles"] == 0
+
+
+def test_bench_decodes_a_nanogpt_decoder_and_times_steps_alternated(tmp_path, monkeypatch):
+    # bench.py --generate on its own model, written the nanoGPT way: traced
+    # unbacked, it decodes eager's tokens; then the decode steps of eager,
+    # stock and vcompile (warm) timed in turn in one process.
+    monkeypatch.setenv("PYTHONPATH", known_isa_path())
+    dirs = bench.case_dirs(str(tmp_path))
+    kwargs = dict(layers=1, device="cpu", dirs=dirs, model_kwargs={**bench.MODEL, "hidden": 64}, iters=0,
+                  model_name="decoder", runner="run_generate_case")
+    eager, cold = (bench.spawn_once(case, **kwargs) for case in ("eager", "vcompile_cold"))
+    assert cold["tokens"] == eager["tokens"] and len(set(eager["tokens"])) > 1
+    assert cold["counters"]["num_unbacked_traces"] == 1 and cold["counters"]["num_backed_traces"] == 0
+    steps = bench.spawn_once("alternated", **{**kwargs, "runner": "run_decode_alternated"})
+    assert steps["steps"] == bench.GEN_CONFIG["max_num_batched_tokens"] - bench.ALTERNATED_PROMPT
+    assert all(steps[f"{name}_step_ms"] > 0 for name in ("eager", "stock", "vcompile"))
 
 
 def test_bench_hf_model_without_transformers_says_so():
