@@ -1066,7 +1066,7 @@ def test_piece_counters_for_the_decoder(device, layers):
 
 
 # =============================================================================
-# 5. Compile entries and concrete arguments (vLLM PR 35472)
+# 5. Compile entries, size guards and concrete arguments (vLLM PR 35472)
 # =============================================================================
 
 
@@ -2097,7 +2097,7 @@ def test_hugging_face_decoders_compile_and_start_warm(device, tmp_path):
 
 
 # =============================================================================
-# 13. The cache from the command line
+# 13. The cache from the command line: list, remove, prune
 # =============================================================================
 
 

@@ -2,9 +2,10 @@
 # Copyright 2026 The vcompile authors
 """vcompile: how vLLM drives torch.compile, in one file.
 
-One Dynamo trace. A backend that splits the graph at attention-like ops and
-compiles every piece for every shape range before it returns. An in-memory
-cache so that identical layers compile once. A self-contained on-disk cache
+One Dynamo trace, its token count unbacked where the model allows it. A
+backend that splits the graph at attention-like ops and compiles every piece
+for every shape range before it returns. An in-memory cache so that
+identical layers compile once. A self-contained on-disk cache
 that starts a fresh process warm: no Dynamo trace, no Inductor compile, no FX
 graph deserialization. One monitor that owns the compile-time numbers.
 
@@ -13,7 +14,7 @@ The sections follow the data, top to bottom:
    2. monitor                                  vLLM PR 40641
    3. cache directory and cache key            vLLM PR 39718
    4. graph splitting
-   5. compile entries and concrete arguments   vLLM PR 35472
+   5. compile entries, size guards and concrete arguments   vLLM PR 35472
    6. compiler manager, in-memory cache        vLLM PR 41023
    7. piecewise interpreter, range dispatch    vLLM PR 35472
    8. codegen with inlined submodules          vLLM PR 40151
@@ -21,7 +22,7 @@ The sections follow the data, top to bottom:
   10. the backend
   11. the first call: load, or compile and save, or trace
   12. what a save cannot carry: models people bring
-  13. the cache from the command line: python -m vcompile cache
+  13. the cache from the command line: list, remove, prune
 
 Usage:
     fn = vcompile.compile(model, vcompile.CompilationConfig(splitting_ops=["my::attention"]))
