@@ -1236,9 +1236,11 @@ def test_a_size_where_a_traced_guard_fails_raises_cold_and_warm(device, tmp_path
         fell_back = [line for line in cold["models"][name]["logs"] if "cannot be traced unbacked" in line]
         assert len(fell_back) == (traced == "backed"), name
     line = inspect.getsourcelines(Branches.forward)[1] + 1
-    assert [line for line in cold["models"]["branches"]["logs"] if "unbacked" in line] == [(
-        "INFO vcompile: the token count cannot be traced unbacked: the model decides `size >= 4` at "
-        f"`if x.size()[0] >= 4:  # test_vcompile.py:{line} in forward`; traced backed, which refuses sizes 1 to 3")]
+    # Dynamo names the file by a path it shortens, which depends on where the repository lies.
+    [fell_back] = [line for line in cold["models"]["branches"]["logs"] if "unbacked" in line]
+    assert re.fullmatch(r"INFO vcompile: the token count cannot be traced unbacked: the model decides `size >= 4` "
+                        r"at `if x\.size\(\)\[0\] >= 4:  # \S*test_vcompile\.py:" + str(line) + " in forward`; "
+                        r"traced backed, which refuses sizes 1 to 3", fell_back), fell_back
     valid = {"branches": lambda n: 4 <= n <= 64, "checked": lambda n: n <= 42, "even": lambda n: n % 2 == 0 and n <= 64,
              "checked branches": lambda n: 4 <= n <= 42}
     for start in (cold, warm):
