@@ -26,6 +26,7 @@ import pickle
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -261,7 +262,7 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
                   drop_field: str | None = None, pause_before_rename: str | None = None,
                   rank: int | None = None, world: int = 1, store: str | None = None,
                   seed: str | None = None, record_opens: bool = False, fake_features: bool = False,
-                  pause_at_load: str | None = None) -> dict:
+                  pause_at_load: str | None = None, umask: int | None = None) -> dict:
     """Child body: compile the decoder, compare every size with eager, report.
 
     drop_field: save the way an older vcompile would have, one field short.
@@ -306,6 +307,8 @@ def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=
             return real_replace(src, dst)
 
         os.replace = replace_after_a_pause
+    if umask is not None:
+        os.umask(umask)
     logs = record_logs()
     model = decoder(device, layers)
     cfg = CompilationConfig(**{"splitting_ops": bench.SPLITTING_OPS, "cache_dir": root,
@@ -992,7 +995,72 @@ def test_cache_hash_changes_with_what_changes_the_code(monkeypatch):
 
 
 # =============================================================================
-# 4. Graph splitting
+# 4. Files on disk: atomic writes, checksums, read-only views, trust
+# =============================================================================
+
+
+def tampered(how: str, hash_dir: str) -> None:
+    """What another user could have done to a cache folder, done here."""
+    rank_dir = os.path.join(hash_dir, "rank_0_0")
+    if how == "world-writable hash folder":
+        os.chmod(hash_dir, 0o777)
+    elif how == "group-writable rank folder":
+        os.chmod(rank_dir, 0o775)
+    elif how == "rank folder of another user":
+        import pwd
+
+        os.chown(rank_dir, pwd.getpwnam("nobody").pw_uid, -1)
+
+
+TAMPERED = ["world-writable hash folder", "group-writable rank folder", "rank folder of another user"]
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cache_folder_others_could_write_is_not_loaded(device, cold_cache, tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("chown to another user needs root")  # CI runs as root
+    roots = {how: tmp_path / how.replace(" ", "-") for how in [*TAMPERED, "trusted"]}
+    for how, root in roots.items():
+        tampered(how if how != "trusted" else TAMPERED[0], copy_cache(cold_cache(device)["hash_dir"], root))
+    files = {how: snapshot(root) for how, root in roots.items()}
+    results = run_children([("child_decoder", dict(root=str(root), device=device)) for root in roots.values()],
+                           env={"VCOMPILE_TRUST_CACHE": None})
+    for how, result in zip(roots, results):
+        assert_matches_eager(result, device)
+        warnings = [line for line in result["logs"] if line.startswith("WARNING")]
+        assert len(warnings) == 1 and "not using the compile cache in" in warnings[0], (how, warnings)
+        assert "A saved artifact is code" in warnings[0] and "VCOMPILE_TRUST_CACHE=1" in warnings[0]
+        expected = {"world-writable hash folder": "is writable by other users (owner uid 0, mode 0o777)",
+                    "group-writable rank folder": "rank_0_0 is writable by other users (owner uid 0, mode 0o775)",
+                    "rank folder of another user": "rank_0_0 is owned by another user"}.get(how, "mode 0o777")
+        assert expected in warnings[0], (how, warnings)
+        assert_counters(result, num_aot_artifacts_loaded=0, num_aot_artifacts_saved=0)
+        assert result["counters"]["num_inductor_compiles"] > 0 or result["counters"]["num_backend_compilations"] > 0
+        assert snapshot(roots[how]) == files[how], how  # nothing written there
+    trusted = run_child("child_decoder", root=str(roots["trusted"]), device=device, env={"VCOMPILE_TRUST_CACHE": "1"})
+    assert_matches_eager(trusted, device)
+    assert_counters(trusted, **WARM)  # the switch trusts it
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cold_start_under_umask_000_leaves_nothing_others_can_write(device, tmp_path):
+    cold = run_child("child_decoder", root=str(tmp_path), device=device, umask=0)
+    assert_matches_eager(cold, device)
+    assert cold["counters"]["num_aot_artifacts_saved"] == 1
+    writable = []
+    for parent, folders, names in os.walk(tmp_path):
+        for path in [parent, *(os.path.join(parent, n) for n in names)]:
+            st = os.lstat(path)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
+                writable.append(f"{path} {oct(st.st_mode & 0o777)}")
+    assert not writable, writable
+    warm = run_child("child_decoder", root=str(tmp_path), device=device)
+    assert_counters(warm, **WARM)  # and the next start trusts what it made
+
+
+# =============================================================================
+# 5. Graph splitting
 # =============================================================================
 
 
@@ -1066,7 +1134,7 @@ def test_piece_counters_for_the_decoder(device, layers):
 
 
 # =============================================================================
-# 5. Compile entries, size guards and concrete arguments (vLLM PR 35472)
+# 6. Compile entries, size guards and concrete arguments (vLLM PR 35472)
 # =============================================================================
 
 
@@ -1259,7 +1327,7 @@ def test_a_size_where_a_traced_guard_fails_raises_cold_and_warm(device, tmp_path
 
 
 # =============================================================================
-# 6. Compiler manager and the in-memory cache (vLLM PR 41023)
+# 7. Compiler manager and the in-memory cache (vLLM PR 41023)
 # =============================================================================
 
 
@@ -1372,7 +1440,7 @@ def test_pieces_that_differ_in_an_op_shape_or_dtype_do_not_share(device):
 
 
 # =============================================================================
-# 7. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
+# 8. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
 # =============================================================================
 
 
@@ -1433,7 +1501,7 @@ def test_first_call_of_size_one_does_not_specialize(device):
 
 
 # =============================================================================
-# 8. Codegen with inlined submodules (vLLM PR 40151)
+# 9. Codegen with inlined submodules (vLLM PR 40151)
 # =============================================================================
 
 
@@ -1567,7 +1635,7 @@ def test_constants_in_the_attention_piece_survive_a_warm_load(device, cold_cache
 
 
 # =============================================================================
-# 9. Serializable compiled function: save and load (vLLM PR 40151)
+# 10. Serializable compiled function: save and load (vLLM PR 40151)
 # =============================================================================
 
 
@@ -1680,7 +1748,7 @@ def test_an_edited_model_source_recompiles_with_a_warning(device, cold_cache, tm
 
 
 # =============================================================================
-# 10. The backend
+# 11. The backend
 # =============================================================================
 
 
@@ -1731,7 +1799,7 @@ def test_the_backend_compiles_every_piece_and_returns_a_saveable_function(device
 
 
 # =============================================================================
-# 11. The first call: load, or compile and save, or trace
+# 12. The first call: load, or compile and save, or trace
 # =============================================================================
 
 
@@ -1842,7 +1910,7 @@ def test_threads_making_the_first_call_at_once_get_one_compile_or_load(device, c
 
 
 # =============================================================================
-# 12. What a save cannot carry: models people bring
+# 13. What a save cannot carry: models people bring
 # =============================================================================
 
 
@@ -2099,7 +2167,7 @@ def test_hugging_face_decoders_compile_and_start_warm(device, tmp_path):
 
 
 # =============================================================================
-# 13. The cache from the command line: list, remove, prune
+# 14. The cache from the command line: list, remove, prune
 # =============================================================================
 
 
@@ -2305,7 +2373,7 @@ def test_generating_with_a_key_value_cache_matches_eager_cold_and_warm(device, t
     names = ["decoder", "llama", *bench.STYLE_BLOCKS]
     cold = run_child("child_generate", root=str(tmp_path), device=device, names=names)
     warm = run_child("child_generate", root=str(tmp_path), device=device, names=names)
-    # torch 2.11 runs the Hugging Face model the JIT way (section 12), tracing it a second time.
+    # torch 2.11 runs the Hugging Face model the JIT way (section 13), tracing it a second time.
     aot, hf_traces = len(names) - (0 if AOT_WRAPS_HF else 1), 1 if AOT_WRAPS_HF else 2
     assert_counters(cold, num_aot_compiles=aot, num_aot_artifacts_saved=aot, num_aot_artifacts_loaded=0,
                     num_unbacked_traces=len(names) - 1, num_backed_traces=hf_traces)

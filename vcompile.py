@@ -13,16 +13,17 @@ The sections follow the data, top to bottom:
    1. config, ranges, counters, logging
    2. monitor                                  vLLM PR 40641
    3. cache directory and cache key            vLLM PR 39718
-   4. graph splitting
-   5. compile entries, size guards and concrete arguments   vLLM PR 35472
-   6. compiler manager, in-memory cache        vLLM PR 41023
-   7. piecewise interpreter, range dispatch    vLLM PR 35472
-   8. codegen with inlined submodules          vLLM PR 40151
-   9. serializable compiled function: save and load   vLLM PR 40151
-  10. the backend
-  11. the first call: load, or compile and save, or trace
-  12. what a save cannot carry: models people bring
-  13. the cache from the command line: list, remove, prune
+   4. files on disk: atomic writes, checksums, read-only views, trust
+   5. graph splitting
+   6. compile entries, size guards and concrete arguments   vLLM PR 35472
+   7. compiler manager, in-memory cache        vLLM PR 41023
+   8. piecewise interpreter, range dispatch    vLLM PR 35472
+   9. codegen with inlined submodules          vLLM PR 40151
+  10. serializable compiled function: save and load   vLLM PR 40151
+  11. the backend
+  12. the first call: load, or compile and save, or trace
+  13. what a save cannot carry: models people bring
+  14. the cache from the command line: list, remove, prune
 
 Usage:
     fn = vcompile.compile(model, vcompile.CompilationConfig(splitting_ops=["my::attention"]))
@@ -133,6 +134,9 @@ class CompilationConfig:
     compile_sizes: list[int] = dataclasses.field(default_factory=list)
     cache_dir: str | None = None  # None: $VCOMPILE_CACHE_ROOT, else ~/.cache/vcompile
     disable_cache: bool = False
+    # Load from folders other users could have written (section 4); also
+    # VCOMPILE_TRUST_CACHE=1. For a cache a team shares on purpose.
+    trust_cache: bool = False
     use_aot: bool = True
     use_codegen: bool = True
     # Written by monitor_torch_compile alone. Before PR 40641 the backend also
@@ -143,6 +147,8 @@ class CompilationConfig:
     def __post_init__(self):
         if os.environ.get("VCOMPILE_DISABLE_CACHE") == "1":
             self.disable_cache = True
+        if os.environ.get("VCOMPILE_TRUST_CACHE") == "1":
+            self.trust_cache = True
         for op in self.splitting_ops:
             if not isinstance(op, str) or "::" not in op:
                 raise ValueError(f"vcompile: splitting op {op!r} is not of the form 'ns::op[.overload]'")
@@ -180,8 +186,8 @@ class CompilationCounter:
     num_compiled_artifacts_saved: int = 0  # unique piece artifacts written to disk
     num_compiled_artifacts_loaded: int = 0  # unique piece artifacts read from disk
     num_aot_compiles: int = 0
-    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 11)
-    num_backed_traces: int = 0  # graphs traced backed, their guards on the token count kept (section 5)
+    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 12)
+    num_backed_traces: int = 0  # graphs traced backed, their guards on the token count kept (section 6)
     num_aot_artifacts_saved: int = 0
     num_aot_artifacts_loaded: int = 0
     num_fx_graph_deserializations: int = 0  # only the use_codegen=False baseline has any
@@ -355,6 +361,14 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
     hash_dir = os.path.join(root, "torch_aot_compile", cache_hash(factors))
     rank, dp_rank = distributed_ranks()
     cache = CacheDir(hash_dir, os.path.join(hash_dir, f"rank_{rank}_{dp_rank}"), writable=True)
+    why = None if config.trust_cache else untrusted(cache)
+    if why is not None:  # read nothing there, write nothing there: compile in memory
+        if hash_dir not in _reported_roots:
+            _reported_roots.add(hash_dir)
+            logger.warning("vcompile: not using the compile cache in %s: %s. A saved artifact is code, and whoever "
+                           "can write there could run code in this process; compiling without the cache. "
+                           "VCOMPILE_TRUST_CACHE=1 trusts every user who can write the cache root", hash_dir, why)
+        return None
     try:
         os.makedirs(cache.inductor_dir, exist_ok=True)
         os.makedirs(cache.pieces_dir, exist_ok=True)
@@ -380,7 +394,7 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
 FACTORS_FILE = "cache_key_factors.json"
 # Kept in that file beside the factors, not hashed: the vcompile that wrote
 # the folder (FORMAT_VERSION says when a file cannot be read) and how the
-# token count was traced (section 11).
+# token count was traced (section 12).
 NOT_FACTORS = ("vcompile_version", "traced")
 LAST_LOADED_FILE = "last_loaded"  # its mtime: when a start last loaded from this folder
 
@@ -508,6 +522,16 @@ def inductor_cache_dir(cache: CacheDir | None):
             os.environ["TRITON_CACHE_DIR"] = triton_dir
 
 
+# =============================================================================
+# 4. Files on disk: atomic writes, checksums, read-only views, trust
+#
+# What the cache folder of section 3 asks of the file system. Every file is
+# written whole or not at all, and checked before it is read. A read-only
+# folder is read through a writable view, a path a compiler command line
+# cannot hold through a link. And a folder is read only if no other user
+# could have written it: an artifact is code.
+# =============================================================================
+
 _views: dict[str, str] = {}  # read-only Inductor folder -> its writable view, one per process
 
 
@@ -610,8 +634,52 @@ def read_artifact(path: str) -> bytes:
     return payload
 
 
+# Trust. Unpickling an artifact runs Python, and the kernels in
+# inductor_cache are shared libraries that get loaded: whoever can write a
+# cache folder runs code in every process that starts warm from it. A
+# checksum does not help, the writer writes it too. So, as ssh refuses a key
+# file others can write and pip a cache folder it does not own, a start reads
+# a hash folder only if every folder and file from <root>/torch_aot_compile
+# down to its rank folder, and under inductor_cache, is owned by this user or
+# root and writable by neither group nor others. Folders above the root's
+# torch_aot_compile (a sticky /tmp) are not the cache's to judge.
+
+
+def untrusted(cache: CacheDir) -> str | None:
+    """Why this start must not read the hash folder, or None. A few
+    microseconds a path: under 2 ms for the suite's decoder."""
+    me = os.getuid()
+    paths = [os.path.dirname(cache.hash_dir), cache.hash_dir]
+    for top in (cache.rank_dir, cache.inductor_dir):
+        for parent, folders, files in os.walk(top):
+            paths += [parent, *(os.path.join(parent, name) for name in files)]
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:  # not there yet: nothing to trust
+            continue
+        if st.st_uid not in (me, 0) or st.st_mode & 0o022:
+            why = "owned by another user" if st.st_uid not in (me, 0) else "writable by other users"
+            return f"{path} is {why} (owner uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)})"
+    return None
+
+
+@contextlib.contextmanager
+def private_files():
+    """What this process creates meanwhile carries no group or other write
+    bit, whatever the umask: under umask 000 the folders vcompile and
+    Inductor create would be world-writable, and the next start would have
+    to refuse them. The umask is the process's; the first call holds its lock."""
+    umask = os.umask(0o022)
+    os.umask(umask | 0o022)
+    try:
+        yield
+    finally:
+        os.umask(umask)
+
+
 # =============================================================================
-# 4. Graph splitting
+# 5. Graph splitting
 #
 # Attention cannot be compiled into the same graph as the layers around it
 # (vLLM's attention kernels and CUDA-graph capture need it outside), so the
@@ -659,7 +727,7 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 
 
 # =============================================================================
-# 5. Compile entries, size guards and concrete arguments (vLLM PR 35472)
+# 6. Compile entries, size guards and concrete arguments (vLLM PR 35472)
 #
 # Before PR 35472 pieces compiled lazily, on the first call that reached a
 # range, with whatever inputs that call had. Now every piece is compiled up
@@ -677,7 +745,7 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 # exactly those (every other guard stays dropped) as a table from each size up
 # to max_num_batched_tokens to the entry that runs it, saved with the
 # artifact, and refuses a size where a guard fails: one list index per call.
-# A trace with the token count unbacked (section 11) records no guard, only
+# A trace with the token count unbacked (section 12) records no guard, only
 # runtime asserts (`torch._check(x.shape[0] <= 42)` becomes `u0 <= 42`),
 # which the compiled code would raise from inside a kernel: the table keeps
 # those too, and refuses 43 with the check named before anything runs.
@@ -840,7 +908,7 @@ def concrete_args(gm: fx.GraphModule, size: int) -> list:
 
 
 # =============================================================================
-# 6. Compiler manager and the in-memory cache (vLLM PR 41023)
+# 7. Compiler manager and the in-memory cache (vLLM PR 41023)
 #
 # In a decoder the pieces between two attention calls differ only in names.
 # Each distinct piece is compiled once per compile entry; every later piece
@@ -996,7 +1064,7 @@ class CompilerManager:
 
 
 # =============================================================================
-# 7. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
+# 8. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
 #
 # Before PR 35472 a piece compiled a range the first time a call landed in
 # it: compiles happened in the middle of serving and the reported compile time
@@ -1072,7 +1140,7 @@ class PiecewiseCompileInterpreter(fx.Interpreter):
 
 
 # =============================================================================
-# 8. Codegen with inlined submodules (vLLM PR 40151)
+# 9. Codegen with inlined submodules (vLLM PR 40151)
 #
 # The split graph is only glue: call piece 0, unpack, call attention, call
 # piece 1, ... Running it as an FX GraphModule means pickling that module with
@@ -1170,7 +1238,7 @@ def bind_execution_code(code: str, consts: list, submods: list[Callable]) -> Cal
 
 
 # =============================================================================
-# 9. Serializable compiled function: save and load (vLLM PR 40151)
+# 10. Serializable compiled function: save and load (vLLM PR 40151)
 #
 # What the backend returns, and what torch's AOT entry point saves. It holds
 # everything needed to rebuild the callable in another process: the compile
@@ -1262,7 +1330,7 @@ def load_split_graph(data: bytes) -> fx.GraphModule:
 
 
 # The AOT artifact, <rank dir>/model: torch's saved function, what the save
-# cannot carry (section 12), and the CPU vector ISA its kernels were built
+# cannot carry (section 13), and the CPU vector ISA its kernels were built
 # for, in one file checked by sha256 like every artifact.
 
 
@@ -1383,11 +1451,11 @@ def check_sources_unchanged(hashes: dict[str, str]) -> None:
 
 
 # =============================================================================
-# 10. The backend
+# 11. The backend
 #
-# What Dynamo calls with the graph it traced: split it (section 4), compile
-# every piece for every entry (5 to 7), write the execution code (8), and
-# return the serializable function (9). It runs once per trace: in AOT mode
+# What Dynamo calls with the graph it traced: split it (section 5), compile
+# every piece for every entry (6 to 8), write the execution code (9), and
+# return the serializable function (10). It runs once per trace: in AOT mode
 # at a cold start only, in JIT mode at every start, where the compiler
 # manager loads each piece from the cache folder instead of compiling it.
 # =============================================================================
@@ -1446,7 +1514,7 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 
 
 # =============================================================================
-# 11. The first call: load, or compile and save, or trace
+# 12. The first call: load, or compile and save, or trace
 #
 # compile() only wraps the model. Its first call does the work, under the
 # monitor and inside the cache folder, in one of three ways:
@@ -1471,7 +1539,7 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 # branches on the count cannot be traced so (Dynamo raises "Could not guard
 # on data-dependent expression", in a fraction of a second, as it does in
 # Hugging Face's mask helpers); it is traced backed, as before, its guards
-# kept as the size table of section 5, and one INFO line says where and
+# kept as the size table of section 6, and one INFO line says where and
 # which sizes that refuses.
 # =============================================================================
 
@@ -1517,7 +1585,7 @@ class CompiledModel:
                         # the cache folder import Inductor's runtime (1 s on CPU on
                         # torch 2.15), the first run loads kernels; a total that
                         # started at the load, or stopped there, would hide them.
-                        with monitor_torch_compile(self.config, self.is_encoder):
+                        with monitor_torch_compile(self.config, self.is_encoder), private_files():
                             return self._first_call(args, kwargs)
             self._check_inputs(args, kwargs)
             return self.fn(*args, **kwargs)
@@ -1561,7 +1629,7 @@ class CompiledModel:
 
     def _compile_and_save(self, args, kwargs, dims):
         """The AOT function, traced once and saved; None when it cannot be
-        saved so that it loads back (section 12)."""
+        saved so that it loads back (section 13)."""
         module_globals = set(self.model.forward.__globals__)
 
         def aot_compile(unbacked: bool):
@@ -1746,7 +1814,7 @@ def _tracing_patches():
 
 
 # =============================================================================
-# 12. What a save cannot carry: models people bring
+# 13. What a save cannot carry: models people bring
 #
 # Hugging Face decoders broke the saved artifact three ways. Their forward is
 # wrapped by decorators, and pickle cannot store the original function that a
@@ -1869,7 +1937,7 @@ def aot_unavailable(cache: CacheDir | None) -> str | None:
 
 
 # =============================================================================
-# 13. The cache from the command line: list, remove, prune
+# 14. The cache from the command line: list, remove, prune
 #
 #   python -m vcompile cache [ROOT] [--json]      what each hash folder holds
 #   python -m vcompile cache ROOT --remove HASH   delete one folder
@@ -1908,7 +1976,7 @@ def cache_listing(root: str) -> list[dict]:
             "path": folder,
             "model": factors.get("model"),
             "vcompile": factors.get("vcompile_version"),  # None: written before 0.2.0
-            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 11); None: not yet, or before 0.2.0
+            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 12); None: not yet, or before 0.2.0
             "torch": (factors.get("torch") or [None])[0],
             "device": factors.get("device"),
             "compile_entries": factors.get("compile_entries"),
