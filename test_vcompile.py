@@ -1020,27 +1020,37 @@ TAMPERED = ["world-writable hash folder", "group-writable rank folder", "rank fo
 def test_a_cache_folder_others_could_write_is_not_loaded(device, cold_cache, tmp_path):
     if os.getuid() != 0:
         pytest.skip("chown to another user needs root")  # CI runs as root
-    roots = {how: tmp_path / how.replace(" ", "-") for how in [*TAMPERED, "trusted"]}
-    for how, root in roots.items():
-        tampered(how if how != "trusted" else TAMPERED[0], copy_cache(cold_cache(device)["hash_dir"], root))
-    files = {how: snapshot(root) for how, root in roots.items()}
+    # Warm: a whole cache, tampered with. Cold: the folders made empty, so
+    # that whatever this start writes there another user could replace.
+    name = os.path.basename(cold_cache(device)["hash_dir"])
+    roots = {(how, start): tmp_path / f"{start}-{how.replace(' ', '-')}" for how in TAMPERED for start in ("warm", "cold")}
+    for (how, start), root in roots.items():
+        if start == "warm":
+            tampered(how, copy_cache(cold_cache(device)["hash_dir"], root))
+        else:
+            os.makedirs(root / "torch_aot_compile" / name / "rank_0_0")
+            tampered(how, str(root / "torch_aot_compile" / name))
+    files = {key: snapshot(root) for key, root in roots.items()}
     results = run_children([("child_decoder", dict(root=str(root), device=device)) for root in roots.values()],
                            env={"VCOMPILE_TRUST_CACHE": None})
-    for how, result in zip(roots, results):
+    for key, result in zip(roots, results):
         assert_matches_eager(result, device)
         warnings = [line for line in result["logs"] if line.startswith("WARNING")]
-        assert len(warnings) == 1 and "not using the compile cache in" in warnings[0], (how, warnings)
+        assert len(warnings) == 1 and "not using the compile cache in" in warnings[0], (key, warnings)
         assert "A saved artifact is code" in warnings[0] and "VCOMPILE_TRUST_CACHE=1" in warnings[0]
-        expected = {"world-writable hash folder": "is writable by other users (owner uid 0, mode 0o777)",
+        expected = {"world-writable hash folder": f"{name} is writable by other users (owner uid 0, mode 0o777)",
                     "group-writable rank folder": "rank_0_0 is writable by other users (owner uid 0, mode 0o775)",
-                    "rank folder of another user": "rank_0_0 is owned by another user"}.get(how, "mode 0o777")
-        assert expected in warnings[0], (how, warnings)
+                    "rank folder of another user": "rank_0_0 is owned by another user"}[key[0]]
+        assert expected in warnings[0], (key, warnings)
         assert_counters(result, num_aot_artifacts_loaded=0, num_aot_artifacts_saved=0)
-        assert result["counters"]["num_inductor_compiles"] > 0 or result["counters"]["num_backend_compilations"] > 0
-        assert snapshot(roots[how]) == files[how], how  # nothing written there
-    trusted = run_child("child_decoder", root=str(roots["trusted"]), device=device, env={"VCOMPILE_TRUST_CACHE": "1"})
-    assert_matches_eager(trusted, device)
-    assert_counters(trusted, **WARM)  # the switch trusts it
+        assert result["counters"]["num_backend_compilations"] > 0  # compiled in memory
+        assert snapshot(roots[key]) == files[key], key  # nothing written there
+    # The switch trusts each.
+    trusted = run_children([("child_decoder", dict(root=str(roots[how, "warm"]), device=device)) for how in TAMPERED],
+                           env={"VCOMPILE_TRUST_CACHE": "1"})
+    for result in trusted:
+        assert_matches_eager(result, device)
+        assert_counters(result, **WARM)
 
 
 @pytest.mark.parametrize("device", DEVICES)
