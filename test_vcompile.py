@@ -920,10 +920,13 @@ def test_a_read_only_root_with_this_models_cache_starts_warm_and_writes_nothing(
         fresh[name] = tmp_path / name
         fresh[name].mkdir()
     env = {"TORCHINDUCTOR_CACHE_DIR": None, "TRITON_CACHE_DIR": None, "HOME": fresh["home"]}
-    rw = run_child("child_decoder", root=str(writable), device=device, env={**env, "TMPDIR": fresh["tmp-rw"]})
-    ro = run_child("child_decoder", root=str(shipped), device=device, env={**env, "TMPDIR": fresh["tmp-ro"]},
-                   read_only=str(shipped))
-    for result in (rw, ro):
+    # Twice each, in turn: what the other tests run at the same time on these
+    # cores slows one child or another, and the faster of two is the start's own time.
+    runs = [run_child("child_decoder", root=str(root), device=device, env={**env, "TMPDIR": fresh[tmp]},
+                      read_only=str(shipped) if root == shipped else None)
+            for _ in range(2) for root, tmp in ((writable, "tmp-rw"), (shipped, "tmp-ro"))]
+    rw, ro = min(runs[0::2], key=lambda r: r["first_call_s"]), min(runs[1::2], key=lambda r: r["first_call_s"])
+    for result in runs:
         assert_counters(result, **WARM)
         assert_matches_eager(result, device)
         assert builds(result) == []  # every kernel came from the shipped folder: no compiler ran
@@ -1031,8 +1034,10 @@ def test_a_cache_folder_others_could_write_is_not_loaded(device, cold_cache, tmp
             os.makedirs(root / "torch_aot_compile" / name / "rank_0_0")
             tampered(how, str(root / "torch_aot_compile" / name))
     files = {key: snapshot(root) for key, root in roots.items()}
-    results = run_children([("child_decoder", dict(root=str(root), device=device)) for root in roots.values()],
-                           env={"VCOMPILE_TRUST_CACHE": None})
+    calls = [("child_decoder", dict(root=str(root), device=device)) for root in roots.values()]
+    # Two at a time, a core each: more would slow what other tests time meanwhile.
+    results = [result for i in range(0, len(calls), 2)
+               for result in run_children(calls[i:i + 2], env={"VCOMPILE_TRUST_CACHE": None})]
     for key, result in zip(roots, results):
         assert_matches_eager(result, device)
         warnings = [line for line in result["logs"] if line.startswith("WARNING")]
