@@ -360,6 +360,90 @@ class StyleDecoder(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+
+# --- a tensor-parallel decoder, sharded the Megatron way -----------------------
+# Each rank holds a slice of every layer: the qkv and gate/up projections by
+# output columns (whole heads, whole ffn units), the output and down
+# projections by input rows, each followed by an all-reduce of the partial
+# sums. Embedding and norms are replicated. The sharding is the model's
+# business; vcompile sees one graph per rank, with the all-reduce in it.
+
+
+@torch.library.custom_op("vcompile_tp::all_reduce", mutates_args=())
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks, through torch.distributed, as vLLM's all-reduce
+    op is: an opaque call in the graph, compiled around."""
+    out = x.clone()
+    torch.distributed.all_reduce(out)
+    return out
+
+
+@all_reduce.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def functional_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The same sum with torch's functional collective, which Dynamo traces
+    into the graph (all_reduce, then wait_tensor)."""
+    from torch.distributed import _functional_collectives as funcol
+    return funcol.all_reduce(x, "sum", torch.distributed.group.WORLD)
+
+
+ALL_REDUCES = {"custom_op": lambda x: torch.ops.vcompile_tp.all_reduce(x), "functional": functional_all_reduce}
+
+
+class ShardedDecoderLayer(nn.Module):
+    def __init__(self, hidden: int, heads: int, ffn: int, world: int, reduce: str):
+        super().__init__()
+        self.num_heads, self.reduce = heads // world, ALL_REDUCES[reduce]
+        self.input_norm = RMSNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden // world, bias=False)
+        self.o_proj = nn.Linear(hidden // world, hidden, bias=False)
+        self.post_norm = RMSNorm(hidden)
+        self.gate_up = nn.Linear(hidden, 2 * ffn // world, bias=False)
+        self.down = nn.Linear(ffn // world, hidden, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.input_norm(x)).chunk(3, dim=-1)
+        x = x + self.reduce(self.o_proj(torch.ops.vcompile_bench.attention(q, k, v, self.num_heads)))
+        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
+        return x + self.reduce(self.down(F.silu(gate) * up))
+
+
+class ShardedDecoder(Decoder):
+    """Decoder's rank `rank` of `world`; reduce: a key of ALL_REDUCES."""
+
+    def __init__(self, layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128, vocab: int = 256,
+                 world: int = 2, reduce: str = "custom_op"):
+        super().__init__(0, hidden, heads, ffn, vocab)
+        self.layers = nn.ModuleList(ShardedDecoderLayer(hidden, heads, ffn, world, reduce) for _ in range(layers))
+
+
+def shard(full: Decoder, rank: int, world: int, reduce: str = "custom_op") -> ShardedDecoder:
+    """Rank `rank`'s slice of a Decoder: run on every rank and summed by the
+    all-reduces, it computes what the unsharded model computes."""
+    first = full.layers[0]
+    hidden, ffn = first.o_proj.in_features, first.down.in_features
+    sharded = ShardedDecoder(len(full.layers), hidden, first.num_heads, ffn, full.embed.num_embeddings,
+                             world, reduce)
+
+    def rows(weight, parts):  # this rank's slice of each of `parts` stacked blocks of output rows
+        return torch.cat([block.chunk(world)[rank] for block in weight.chunk(parts)])
+
+    with torch.no_grad():
+        sharded.embed.weight.copy_(full.embed.weight)
+        sharded.norm.weight.copy_(full.norm.weight)
+        for mine, theirs in zip(sharded.layers, full.layers):
+            mine.input_norm.weight.copy_(theirs.input_norm.weight)
+            mine.post_norm.weight.copy_(theirs.post_norm.weight)
+            mine.qkv.weight.copy_(rows(theirs.qkv.weight, 3))
+            mine.gate_up.weight.copy_(rows(theirs.gate_up.weight, 2))
+            mine.o_proj.weight.copy_(theirs.o_proj.weight.chunk(world, dim=1)[rank])
+            mine.down.weight.copy_(theirs.down.weight.chunk(world, dim=1)[rank])
+    return sharded.to(full.embed.weight.device)
+
+
 def hf_kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
                     **kwargs):
     """AttentionInterface's signature, batch 1: the layer's own cache, at the

@@ -14,6 +14,7 @@ import ast
 import builtins
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import inspect
 import io
@@ -855,9 +856,14 @@ def test_a_process_killed_while_saving_leaves_the_old_artifact_or_none(device, c
 def test_processes_compiling_into_one_root_at_once_all_succeed(device, cold_cache, tmp_path):
     root = tmp_path / "together"
     cold_copy(cold_cache, device, root, keep_model=False)
-    for result in run_children([("child_decoder", dict(root=str(root), device=device))] * 4):
-        assert_counters(result, num_aot_compiles=1, num_aot_artifacts_saved=1)
+    together = run_children([("child_decoder", dict(root=str(root), device=device))] * 4)
+    for result in together:
+        assert_counters(result, num_aot_compiles=1, num_aot_artifacts_saved=1, num_backend_compilations=9)
         assert_matches_eager(result, device)
+    # Each (piece, entry) compiled by one of them, the others took it (section 7).
+    assert sum(r["counters"]["num_inductor_compiles"] for r in together) == 9
+    assert sum(r["counters"]["num_artifacts_from_other_processes"] for r in together) == 3 * 9
+    assert {r["counters"]["num_compiled_artifacts_saved"] for r in together} == {6}
     fifth = run_child("child_decoder", root=str(root), device=device)
     assert_counters(fifth, **WARM)
     assert_matches_eager(fifth, device)
@@ -1200,8 +1206,8 @@ def test_single_size_artifact_is_specialized(device):
     w = torch.randn(16, 8, device=device)
     gm = dynamo_graph(lambda x, w: torch.relu(x @ w) * 2, torch.randn(6, 16, device=device), w)
     manager = vcompile.CompilerManager()
-    sized = manager.compile(gm, vcompile.concrete_args(gm, 4), Range(4, 4), 0, 1)
-    ranged = manager.compile(gm, vcompile.fake_args_from_graph(gm), Range(1, 8), 0, 1)
+    sized = manager.compile(gm, vcompile.concrete_args(gm, 4), Range(4, 4))
+    ranged = manager.compile(gm, vcompile.fake_args_from_graph(gm), Range(1, 8))
     symbol = str(vcompile.fake_args_from_graph(gm)[0]).encode()
     assert b"(4, 16)" in vcompile.artifact_bytes(sized) and symbol not in vcompile.artifact_bytes(sized)
     assert b"(" + symbol + b", 16)" in vcompile.artifact_bytes(ranged)
@@ -1452,6 +1458,116 @@ def test_pieces_that_differ_in_an_op_shape_or_dtype_do_not_share(device):
         out = vcompile.compile(OneDifference(), cfg)(x)
     assert out.dtype == torch.float64 and out.shape == (9, 64)
     torch.testing.assert_close(out, OneDifference()(x), atol=TOL[device], rtol=TOL[device])
+
+
+# --- compile once per machine: processes on one root share the work ----------
+
+
+def piece_graph(scale: float) -> fx.GraphModule:
+    return dynamo_graph(lambda x, w: torch.relu(x @ w) * scale, torch.randn(6, 16), torch.randn(16, 8))
+
+
+def test_a_piece_another_process_compiled_meanwhile_is_taken_not_compiled(tmp_path):
+    shared = str(tmp_path / "shared_pieces")
+    os.makedirs(shared)
+    gm, x, w = piece_graph(2.0), torch.randn(5, 16), torch.randn(16, 8)
+    with counters.expect(num_inductor_compiles=1, num_artifacts_from_other_processes=0):
+        vcompile.CompilerManager(shared_dir=shared).compile(gm, vcompile.fake_args_from_graph(gm), Range(1, 8))
+    assert len([f for f in os.listdir(shared) if not f.endswith(".lock")]) == 1
+    # Another manager stands for another process: the bytes are taken, nothing compiles.
+    with counters.expect(num_inductor_compiles=0, num_artifacts_from_other_processes=1,
+                         num_compiled_artifacts_loaded=1):
+        taken = vcompile.CompilerManager(shared_dir=shared).compile(gm, vcompile.fake_args_from_graph(gm),
+                                                                     Range(1, 8))
+    torch.testing.assert_close(taken(5, x, w)[0], torch.relu(x @ w) * 2)
+    # The key is the graph's own: a rank whose graph differs in a constant compiles its own.
+    other = piece_graph(3.0)
+    with counters.expect(num_inductor_compiles=1, num_artifacts_from_other_processes=0):
+        mine = vcompile.CompilerManager(shared_dir=shared).compile(other, vcompile.fake_args_from_graph(other),
+                                                                    Range(1, 8))
+    torch.testing.assert_close(mine(5, x, w)[0], torch.relu(x @ w) * 3)
+    # Left by an earlier start: a start alone compiles as it always did.
+    for name in os.listdir(shared):
+        os.utime(os.path.join(shared, name), (1, 1))
+    with counters.expect(num_inductor_compiles=1, num_artifacts_from_other_processes=0):
+        vcompile.CompilerManager(shared_dir=shared).compile(gm, vcompile.fake_args_from_graph(gm), Range(1, 8))
+
+
+def test_a_lock_dies_with_its_process_and_a_waiter_gives_up_after_the_bound(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    path, held = str(tmp_path / "piece.lock"), str(tmp_path / "held")
+    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, time; fd = os.open({path!r}, os.O_RDWR | "
+                               f"os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); open({held!r}, 'w').close(); "
+                               "time.sleep(600)"])
+    wait_for(held, holder)
+    assert vcompile.lock_file(path, 0) is None
+    started = time.monotonic()
+    assert vcompile.lock_file(path, 0.3) is None and time.monotonic() - started >= 0.3
+    holder.kill()  # SIGKILL: no handler runs, the kernel drops the lock
+    holder.wait()
+    fd = vcompile.lock_file(path, 0)
+    assert fd is not None
+    os.close(fd)
+
+    # A piece whose lock another process holds past compile_wait_s is compiled here, and the log says so.
+    shared = str(tmp_path / "shared_pieces")
+    os.makedirs(shared)
+    gm = piece_graph(2.0)
+    vcompile.CompilerManager(shared_dir=shared).compile(gm, vcompile.fake_args_from_graph(gm), Range(1, 8))
+    locks = []
+    for name in os.listdir(shared):
+        if name.endswith(".lock"):
+            locks.append(os.open(os.path.join(shared, name), os.O_RDWR))
+            fcntl.flock(locks[-1], fcntl.LOCK_EX)  # another open file: to flock, another process
+        else:
+            os.remove(os.path.join(shared, name))
+    with counters.expect(num_inductor_compiles=1, num_artifacts_from_other_processes=0):
+        vcompile.CompilerManager(shared_dir=shared, wait_s=0.5).compile(gm, vcompile.fake_args_from_graph(gm),
+                                                                        Range(1, 8))
+    waited = [m for m in messages(caplog) if m.startswith("vcompile: waited")]
+    assert len(waited) == 1 and "compiling it here (compile_wait_s sets the wait)" in waited[0], waited
+    for fd in locks:
+        os.close(fd)
+
+
+def child_sharded(root: str, device: str, rank: int, store: str, reduce: str) -> dict:
+    """One rank of bench.ShardedDecoder on 2 ranks over gloo, against the
+    unsharded model run eagerly at every size."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    logs = record_logs()
+    full = decoder(device)
+    model = bench.shard(full, rank, 2, reduce)
+    fn = vcompile.compile(model, CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root,
+                                                   **SMALL_CONFIG))
+    fn(token_ids(9, device))
+    first = counter_values()
+    errors = max_error(fn, full, SMALL_SIZES, device)
+    torch.distributed.destroy_process_group()
+    return {"counters": first, "errors": errors, "logs": logs.lines,
+            "blobs": sorted(fn.compiled_fn.state["blobs"]) if fn.compiled_fn else None}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_parallel_ranks_compile_each_piece_once_between_them(device, tmp_path):
+    for reduce in ("custom_op", "functional"):
+        root = tmp_path / reduce
+        cold, warm = (run_children([("child_sharded", dict(root=str(root), device=device, rank=rank, reduce=reduce,
+                                                            store=str(tmp_path / f"{reduce}-{when}")))
+                                    for rank in (0, 1)]) for when in ("cold", "warm"))
+        for result in cold + warm:
+            assert_matches_eager(result, device)
+        # 3 pieces x 3 entries: compiled once on the machine, the other rank takes each.
+        assert sum(r["counters"]["num_inductor_compiles"] for r in cold) == 9, reduce
+        for result in cold:
+            assert_counters(result, num_backend_compilations=9, num_aot_artifacts_saved=1)
+            taken = 9 - result["counters"]["num_inductor_compiles"]
+            assert result["counters"]["num_artifacts_from_other_processes"] == taken
+            shared = [line for line in result["logs"] if "done by other processes" in line]
+            assert len(shared) == (taken > 0), shared
+        # One set of unique artifacts, byte for byte, on both ranks.
+        assert cold[0]["blobs"] == cold[1]["blobs"] and len(cold[0]["blobs"]) == 6, reduce
+        for result in warm:
+            assert_counters(result, **WARM)
 
 
 # =============================================================================

@@ -41,6 +41,7 @@ import atexit
 import builtins
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import importlib
@@ -137,6 +138,9 @@ class CompilationConfig:
     # Load from folders other users could have written (section 4); also
     # VCOMPILE_TRUST_CACHE=1. For a cache a team shares on purpose.
     trust_cache: bool = False
+    # How long a process waits for another one compiling the same piece into
+    # the same cache root (section 7) before it compiles the piece itself.
+    compile_wait_s: float = 300.0
     use_aot: bool = True
     use_codegen: bool = True
     # Written by monitor_torch_compile alone. Before PR 40641 the backend also
@@ -183,6 +187,7 @@ class CompilationCounter:
     num_backend_compilations: int = 0  # piece x compile-entry requests, cache hits too
     num_inductor_compiles: int = 0  # compiles that ran Inductor to the end
     num_inmemory_cache_hits: int = 0  # requests served by an isomorphic piece's artifact
+    num_artifacts_from_other_processes: int = 0  # requests another process on this root compiled meanwhile
     num_compiled_artifacts_saved: int = 0  # unique piece artifacts written to disk
     num_compiled_artifacts_loaded: int = 0  # unique piece artifacts read from disk
     num_aot_compiles: int = 0
@@ -256,6 +261,7 @@ def monitor_torch_compile(config: CompilationConfig, is_encoder: bool = False):
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model     the AOT artifact
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model.py  its execution code, to read
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/pieces/   JIT mode's per-piece artifacts
+#   <root>/torch_aot_compile/<hash>/shared_pieces/          what one process compiles for all (section 7)
 #
 # A cache is built once and then shipped: baked into a container image,
 # mounted read-only, copied to many nodes. A root that holds this model's
@@ -339,6 +345,10 @@ class CacheDir:
     def pieces_dir(self) -> str:
         return os.path.join(self.rank_dir, "pieces")
 
+    @property
+    def shared_dir(self) -> str:
+        return os.path.join(self.hash_dir, "shared_pieces")
+
     def has_pieces(self) -> bool:
         return os.path.isdir(self.pieces_dir) and bool(os.listdir(self.pieces_dir))
 
@@ -372,6 +382,7 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
     try:
         os.makedirs(cache.inductor_dir, exist_ok=True)
         os.makedirs(cache.pieces_dir, exist_ok=True)
+        os.makedirs(cache.shared_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=cache.rank_dir):  # the folders may exist on a read-only mount
             pass
     except OSError as e:
@@ -634,6 +645,25 @@ def read_artifact(path: str) -> bytes:
     return payload
 
 
+def lock_file(path: str, wait_s: float) -> int | None:
+    """An exclusive flock on path, as an open descriptor (os.close releases
+    it), or None if another process still holds it after wait_s (0: do not
+    wait). The kernel drops a flock when its process dies, however it dies,
+    so a process killed mid-compile never blocks the others; a lock file
+    that names a pid would need someone to decide that the pid is dead."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+
+
 # Trust. Unpickling an artifact runs Python, and the kernels in
 # inductor_cache are shared libraries that get loaded: whoever can write a
 # cache folder runs code in every process that starts warm from it. A
@@ -650,7 +680,7 @@ def untrusted(cache: CacheDir) -> str | None:
     microseconds a path: under 2 ms for the suite's decoder."""
     me = os.getuid()
     paths = [os.path.dirname(cache.hash_dir), cache.hash_dir]
-    for top in (cache.rank_dir, cache.inductor_dir):
+    for top in (cache.rank_dir, cache.inductor_dir, cache.shared_dir):
         for parent, folders, files in os.walk(top):
             paths += [parent, *(os.path.join(parent, name) for name in files)]
     for path in paths:
@@ -972,10 +1002,40 @@ def load_artifact(data: bytes) -> AOTCompiledArtifact:
         return AOTCompiledArtifact.deserialize(data)
 
 
+class PutOff(BaseException):
+    """Another process is compiling this piece now: compile another first."""
+
+
+# Compile once per machine. Tensor-parallel ranks trace identical graphs, and
+# replicas of one model start together on one node: each used to compile
+# every piece, on the same cores (8 ranks x 32 compile workers, pytorch issue
+# 190941), and vLLM's ranks miss each other's cache (vLLM issue 53958). Here
+# the processes on one cache root split the work by the AOT key: the first
+# to want a key holds its flock in <hash>/shared_pieces while it compiles,
+# then leaves the artifact's bytes there. Another process that wants the key
+# meanwhile puts that piece off and compiles one nobody holds; when nothing
+# else is left it waits, then loads the bytes: no trace of Inductor, the very
+# artifact the first one built. The lock is per AOT key, not per (entry,
+# key): a piece's ranges share one key (the later ones hit Inductor's cache),
+# and two processes compiling them at once would both lower the graph.
+#
+# The same bytes matter beyond the time saved. Two processes that compiled a
+# key at once each wrote Inductor's cache entry for it, and a later range
+# read back whichever came last: the same code, but the entry carries its
+# writer's compile time and debugging text, so the bytes differed and one
+# rank stored 8 artifacts where the other stored 6 for the same graphs.
+#
+# A lone start reads no bytes an earlier start left here: files older than
+# this process's import, or any whose key it never found held, are compiled
+# as before (an Inductor cache hit), so a start alone counts and does what
+# it always did.
+_imported_at = time.time()
+
+
 class CompilerManager:
     """Compiles the pieces of one backend call; owns the in-memory cache."""
 
-    def __init__(self, pieces_dir: str | None = None):
+    def __init__(self, pieces_dir: str | None = None, shared_dir: str | None = None, wait_s: float = 300.0):
         self.artifacts: dict[tuple[Range, str], AOTCompiledArtifact] = {}  # (entry, AOT key) -> artifact
         self.blobs: dict[int, bytes] = {}  # id(artifact) -> its bytes, serialized once
         self.seconds: dict[Range, float] = defaultdict(float)  # compile time per entry, all pieces
@@ -983,26 +1043,55 @@ class CompilerManager:
         self.save_pieces = pieces_dir is not None and os.access(pieces_dir, os.W_OK)  # False: a shipped cache
         self.bad_files: set[str] = set()
         self.loaded: dict[bytes, AOTCompiledArtifact] = {}  # file content hash -> artifact: load each once
+        self.shared_dir = shared_dir  # None: a read-only or no cache root, compile alone
+        self.wait_s = wait_s
+        self.held_elsewhere: set[str] = set()  # AOT keys another process held when this one wanted them
+        self.waited_s = 0.0
 
-    def compile(self, graph: fx.GraphModule, example_inputs: list, entry: Range,
-                piece_index: int, num_pieces: int) -> AOTCompiledArtifact:
-        counters.num_backend_compilations += 1
-        started = time.perf_counter()
-        artifact = self._compile_or_reuse(graph, example_inputs, entry)
-        self.seconds[entry] += time.perf_counter() - started
-        if piece_index == num_pieces - 1:
-            logger.info("Compiling a graph for compile range %s takes %.2f s", entry, self.seconds[entry])
-        return artifact
+    def compile_all(self, jobs: list[tuple[fx.GraphModule, list, Range]]) -> list[AOTCompiledArtifact]:
+        """Each (piece, example inputs, entry) job's artifact. Jobs another
+        process holds are put off while others remain, then waited for in turn."""
+        artifacts: list[AOTCompiledArtifact | None] = [None] * len(jobs)
+        left = defaultdict(int)  # entry -> jobs not done: its time is logged when it reaches 0
+        for _, _, entry in jobs:
+            left[entry] += 1
+        pending, wait = list(range(len(jobs))), False
+        while pending:
+            put_off = []
+            for i in pending:
+                graph, example_inputs, entry = jobs[i]
+                started = time.perf_counter()
+                try:
+                    artifacts[i] = self._compile_or_reuse(graph, example_inputs, entry, wait)
+                except PutOff:
+                    put_off.append(i)
+                    continue
+                finally:
+                    self.seconds[entry] += time.perf_counter() - started
+                    wait = False  # one wait per pass, then whatever the others finished meanwhile
+                counters.num_backend_compilations += 1
+                left[entry] -= 1
+                if left[entry] == 0:
+                    logger.info("Compiling a graph for compile range %s takes %.2f s", entry, self.seconds[entry])
+            pending, wait = put_off, True
+        return artifacts
 
-    def _compile_or_reuse(self, graph, example_inputs, entry) -> AOTCompiledArtifact:
-        key = None
+    def compile(self, graph: fx.GraphModule, example_inputs: list, entry: Range) -> AOTCompiledArtifact:
+        return self.compile_all([(graph, example_inputs, entry)])[0]
+
+    def _compile_or_reuse(self, graph, example_inputs, entry, wait: bool = False) -> AOTCompiledArtifact:
+        key, lock, found = None, None, None
         compute_key = aot_autograd_cache.autograd_cache_key
 
         def key_then_stop_on_hit(*args, **kwargs):
-            nonlocal key
+            nonlocal key, lock, found
             result = compute_key(*args, **kwargs)
             key = (entry, result[0])
-            if key in self.artifacts or self._piece_file(key) is not None:
+            found = self._found(key)
+            if found is None:
+                lock = self._lock(key, wait)
+                found = self._found(key)  # left by the process that held the lock
+            if found is not None:
                 raise StopCompiling
             return result
 
@@ -1011,32 +1100,75 @@ class CompilerManager:
                   patch.object(aot_autograd_cache, "autograd_cache_key", key_then_stop_on_hit)):
                 artifact = inductor_compile(graph, example_inputs, entry)
         except StopCompiling:
-            if key in self.artifacts:
+            if found == "memory":
                 counters.num_inmemory_cache_hits += 1
                 return self.artifacts[key]
-            artifact = self._load_piece(key)
+            artifact = self._load_piece(found)
             if artifact is None:  # unreadable file: it is now in bad_files, so this compiles
-                return self._compile_or_reuse(graph, example_inputs, entry)
+                return self._compile_or_reuse(graph, example_inputs, entry, wait)
+            if found == self._shared_path(key):
+                counters.num_artifacts_from_other_processes += 1
+                self._save_piece(key, artifact)
         else:
             counters.num_inductor_compiles += 1
             self.blobs[id(artifact)] = artifact_bytes(artifact)
             self._save_piece(key, artifact)
+            self._share(key, artifact)
+        finally:
+            if lock is not None:
+                os.close(lock)  # after _share: a waiter finds the bytes
         if key is not None:  # None when Inductor could not key this graph: no sharing
             self.artifacts[key] = artifact
         return artifact
 
+    def _found(self, key) -> str | None:
+        """Where this key's artifact already is: "memory", or a file to load."""
+        if key in self.artifacts:
+            return "memory"
+        piece, shared = self._piece_path(key), self._shared_path(key)
+        if piece is not None and piece not in self.bad_files and os.path.exists(piece):
+            return piece
+        if shared is None or shared in self.bad_files:
+            return None
+        with contextlib.suppress(OSError):  # absent
+            written = os.path.getmtime(shared)
+            if key[1] in self.held_elsewhere or written >= _imported_at:
+                return shared
+        return None
+
+    def _lock(self, key, wait: bool) -> int | None:
+        """The AOT key's lock, or None where there is no sharing; PutOff while
+        another process holds it, unless this job waits for it."""
+        if self.shared_dir is None:
+            return None
+        name = hashlib.sha256(key[1].encode()).hexdigest()[:32]
+        try:
+            started = time.perf_counter()
+            lock = lock_file(os.path.join(self.shared_dir, f"{name}.lock"), self.wait_s if wait else 0)
+            if wait:
+                self.waited_s += time.perf_counter() - started
+        except OSError as e:  # a root made read-only or full meanwhile: compile alone
+            logger.debug("vcompile: cannot lock %s: %s", self.shared_dir, e)
+            return None
+        if lock is None and not wait:
+            self.held_elsewhere.add(key[1])
+            raise PutOff
+        if lock is None:
+            logger.warning("vcompile: waited %.0f s for another process compiling a piece for range %s into %s; "
+                           "compiling it here (compile_wait_s sets the wait)", self.wait_s, key[0], self.shared_dir)
+        return lock
+
     def _piece_path(self, key) -> str | None:
         if self.pieces_dir is None or key is None:
             return None
-        name = hashlib.sha256(f"{key[0]} {key[1]}".encode()).hexdigest()[:32]
-        return os.path.join(self.pieces_dir, name)
+        return os.path.join(self.pieces_dir, piece_file_name(key))
 
-    def _piece_file(self, key) -> str | None:
-        path = self._piece_path(key)
-        return path if path and path not in self.bad_files and os.path.exists(path) else None
+    def _shared_path(self, key) -> str | None:
+        if self.shared_dir is None or key is None:
+            return None
+        return os.path.join(self.shared_dir, piece_file_name(key))
 
-    def _load_piece(self, key) -> AOTCompiledArtifact | None:
-        path = self._piece_path(key)
+    def _load_piece(self, path: str) -> AOTCompiledArtifact | None:
         try:
             data = read_artifact(path)
             # A piece's ranges compile to equal artifacts, and artifact_bytes gives
@@ -1061,6 +1193,19 @@ class CompilerManager:
             counters.num_compiled_artifacts_saved += 1
         except OSError as e:
             logger.warning("vcompile: could not save %s: %s", path, e)
+
+    def _share(self, key, artifact) -> None:
+        path = self._shared_path(key)
+        if path is None:
+            return
+        try:
+            write_artifact(path, self.blobs[id(artifact)])
+        except OSError as e:  # the others compile it themselves
+            logger.debug("vcompile: could not share %s: %s", path, e)
+
+
+def piece_file_name(key: tuple[Range, str]) -> str:
+    return hashlib.sha256(f"{key[0]} {key[1]}".encode()).hexdigest()[:32]
 
 
 # =============================================================================
@@ -1112,24 +1257,21 @@ def where_is_the_size(fake_args: list) -> tuple[int | None, int | None]:
 
 
 class PiecewiseCompileInterpreter(fx.Interpreter):
-    def __init__(self, split_gm: fx.GraphModule, compile_names: list[str],
-                 entries: list[Range], manager: CompilerManager):
+    def __init__(self, split_gm: fx.GraphModule, compile_names: list[str], entries: list[Range]):
         super().__init__(split_gm)
-        self.compile_names, self.entries, self.manager = compile_names, entries, manager
-        self.compiled: dict[str, dict] = {}  # piece -> its artifacts and how to call them
+        self.compile_names, self.entries = compile_names, entries
+        self.jobs: list[tuple[fx.GraphModule, list, Range]] = []  # for CompilerManager.compile_all
+        self.compiled: dict[str, dict] = {}  # piece -> its jobs' indices and how to call it
 
     def call_module(self, target, args, kwargs):
         piece = getattr(self.module, target)
         if target in self.compile_names:
-            index = self.compile_names.index(target)
             symbolic = fake_args_from_graph(piece)
-            artifacts = [
-                self.manager.compile(piece, concrete_args(piece, entry.start) if entry.is_single_size() else symbolic,
-                                     entry, index, len(self.compile_names))
-                for entry in self.entries
-            ]
+            first = len(self.jobs)
+            self.jobs += [(piece, concrete_args(piece, entry.start) if entry.is_single_size() else symbolic, entry)
+                          for entry in self.entries]
             self.compiled[target] = {
-                "artifacts": artifacts,
+                "artifacts": list(range(first, len(self.jobs))),
                 "size_at": where_is_the_size(symbolic),
                 "returns_tuple": isinstance(piece.graph.output_node().args[0], (tuple, list)),
             }
@@ -1462,8 +1604,10 @@ def check_sources_unchanged(hashes: dict[str, str]) -> None:
 
 
 def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConfig,
-            is_encoder: bool = False, pieces_dir: str | None = None) -> VcompileFunction:
+            is_encoder: bool = False, pieces_dir: str | None = None,
+            shared_dir: str | None = None) -> VcompileFunction:
     counters.num_graphs_seen += 1
+    taken_before = counters.num_artifacts_from_other_processes
     logger.info("Dynamo bytecode transform time: %.2f s", time.perf_counter() - _compile_started_at)
     fakes = fake_args_from_graph(gm)
     if not any(isinstance(d, torch.SymInt) for t in fakes if isinstance(t, torch.Tensor) for d in t.shape):
@@ -1481,14 +1625,19 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
     compile_names = [name for name, is_splitting in pieces if not is_splitting]
     entries = compile_entries(config, is_encoder)
     table = size_table(entries, guards, config.max_num_batched_tokens)
-    manager = CompilerManager(pieces_dir)
-    interpreter = PiecewiseCompileInterpreter(split_gm, compile_names, entries, manager)
+    interpreter = PiecewiseCompileInterpreter(split_gm, compile_names, entries)
     interpreter.run(*fakes)
+    manager = CompilerManager(pieces_dir, shared_dir, config.compile_wait_s)
+    compiled = manager.compile_all(interpreter.jobs)
+    taken = counters.num_artifacts_from_other_processes - taken_before
+    if taken or manager.waited_s:
+        logger.info("vcompile: %d of %d piece compiles were done by other processes on this cache root "
+                    "(%.1f s waiting for them), %d here", taken, len(compiled), manager.waited_s, len(compiled) - taken)
 
     blobs, live, pieces_state = {}, {}, {}
     for name, piece in interpreter.compiled.items():
         digests = []
-        for artifact in piece["artifacts"]:  # content hash: identical artifacts are stored once
+        for artifact in (compiled[i] for i in piece["artifacts"]):  # content hash: identical ones stored once
             data = manager.blobs[id(artifact)]
             digest = hashlib.sha256(data).hexdigest()
             blobs[digest], live[digest] = data, artifact
@@ -1712,8 +1861,9 @@ class CompiledModel:
                 options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
     def _backend(self, gm, example_inputs, pieces_dir=None):
+        shared_dir = self.cache.shared_dir if self.cache is not None and self.cache.writable else None
         self.compiled_fn = backend(gm, example_inputs, config=self.config, is_encoder=self.is_encoder,
-                                   pieces_dir=pieces_dir)
+                                   pieces_dir=pieces_dir, shared_dir=shared_dir)
         return self.compiled_fn
 
     def _bind(self, args, kwargs) -> dict[str, Any]:
