@@ -2600,8 +2600,12 @@ def test_bench_quick_run_reports_every_case(tmp_path):
     assert results["vcompile_warm"]["counters"]["num_inductor_compiles"] == 0
     assert results["vcompile_warm_nocodegen"]["counters"]["num_fx_graph_deserializations"] == 1
     assert results["vcompile_warm_jit"]["counters"]["num_inductor_compiles"] == 0
+    # Four cold starts at once on one root compile, between them, what one alone compiles.
+    together, alone = results["vcompile_cold_x4"]["counters"], results["vcompile_cold"]["counters"]
+    assert together["num_inductor_compiles"] == alone["num_inductor_compiles"] > 0
+    assert together["num_artifacts_from_other_processes"] == (bench.TOGETHER - 1) * alone["num_inductor_compiles"]
     assert set(report["ratios"]["per_depth"]["1"]) >= {"warm_overhead_stock_over_vcompile", "steady_vcompile_over_stock",
-                                                        "read_only_over_writable_warm_monitor"}
+                                                        "read_only_over_writable_warm_monitor", "cold_together_over_alone"}
     assert "warm start goes" in proc.stdout  # the table
 
 
