@@ -2040,6 +2040,85 @@ def test_threads_making_the_first_call_at_once_get_one_compile_or_load(device, c
         assert not result["later_call_blocked"]  # after the first call, no lock
 
 
+# --- prepare(): compile before the first request, while the weights load -----
+
+
+def child_prepared(root: str, device: str, background: bool) -> dict:
+    """Prepare a decoder whose weights are zeros at 5 tokens, then load the
+    real weights and call at 9: what the call compiled and started, and the
+    errors against eager with the real weights at every size."""
+    real = decoder(device).state_dict()
+    model = decoder(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    logs = record_logs()
+    fn = vcompile.compile(model, CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root,
+                                                   **SMALL_CONFIG))
+    fn.prepare(token_ids(5, device), background=background)
+    prepared = counter_values()
+    model.load_state_dict(real)  # meanwhile, when in the background
+    with record_subprocesses() as launched:
+        fn(token_ids(9, device))
+    at_call = {k: v - prepared[k] for k, v in counter_values().items()}
+    return {"counters": counter_values(), "at_call": at_call, "launched": launched, "logs": logs.lines,
+            "errors": max_error(fn, decoder(device), SMALL_SIZES, device)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prepare_compiles_from_shapes_and_the_call_runs_the_weights_loaded_after(device, tmp_path):
+    roots = {"now": str(tmp_path / "now"), "background": str(tmp_path / "background")}
+    rounds = [run_children([("child_prepared", dict(root=roots[how], device=device, background=how == "background"))
+                            for how in roots]) for _ in ("cold", "warm")]
+    for (now, background), when in zip(rounds, ("cold", "warm")):
+        for result in (now, background):
+            assert_matches_eager(result, device)
+            assert result["counters"]["num_inductor_compiles"] == (9 if when == "cold" else 0), when
+            assert result["counters"]["num_aot_artifacts_loaded"] == (when == "warm"), when
+        # Prepared now: everything was done before the call, which compiles, loads and builds nothing.
+        assert all(v == 0 for v in now["at_call"].values()), (when, now["at_call"])
+        assert not [cmd for cmd in now["launched"] if "--version" not in cmd], (when, now["launched"])
+
+
+class Untraceable(torch.nn.Module):
+    def forward(self, x):
+        x = x * 2
+        torch._dynamo.graph_break()  # fullgraph=True cannot go on
+        return x + 1
+
+
+def test_an_error_in_a_background_prepare_reaches_the_first_call():
+    fn = vcompile.compile(Untraceable(), config(**SMALL_CONFIG))
+    fn.prepare(torch.randn(5, 4), background=True)
+    with pytest.raises(Exception) as raised:
+        fn(torch.randn(9, 4))
+    fn.preparing = None
+    with pytest.raises(type(raised.value)) as again:  # the same error, made again by a first call
+        vcompile.compile(Untraceable(), config(**SMALL_CONFIG))(torch.randn(9, 4))
+    assert str(raised.value) == str(again.value) and "graph_break" in str(raised.value)
+
+
+def test_prepare_twice_or_beside_a_first_call_compiles_once():
+    torch.manual_seed(0)
+    model = RepeatedMLP(hidden=8)
+    with counters.expect(num_graphs_seen=1, num_inductor_compiles=6):
+        fn = vcompile.compile(model, config(**SMALL_CONFIG))
+        fn.prepare(torch.randn(5, 8))
+        fn.prepare(torch.randn(7, 8))
+        x = torch.randn(9, 8)
+        torch.testing.assert_close(fn(x), model(x))
+    with counters.expect(num_graphs_seen=1, num_inductor_compiles=6):
+        fn = vcompile.compile(model, config(**SMALL_CONFIG))
+        fn.prepare(torch.randn(5, 8), background=True)
+        outs = []
+        threads = [threading.Thread(target=lambda: outs.append(fn(x))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(outs) == 2 and all(torch.allclose(out, model(x)) for out in outs)
+
+
 # =============================================================================
 # 13. What a save cannot carry: models people bring
 # =============================================================================

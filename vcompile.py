@@ -1676,6 +1676,14 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 #     by an earlier start instead of compiling it.
 # Later calls check their inputs against what was compiled, and run.
 #
+# prepare() does that work before the first call, from example inputs, and
+# runs nothing: a server's first request should not pay for the compile
+# (vLLM compiles at start-up with a dummy batch; its start-up roadmap, RFC
+# 34956, overlaps the compile with the weight load). Neither a trace (fake
+# tensors) nor a load (weights are graph inputs) reads a weight's value, so
+# prepare may run on a thread while the caller loads them. The first run,
+# which loads kernels into the cache folder, waits for the first call.
+#
 # How the token count is traced (vLLM PR 44256 for the unbacked mode). A
 # dynamic size Dynamo may guard on ("backed") has, under
 # backed_size_oblivious, a range that holds 1. So every layout question in
@@ -1707,6 +1715,7 @@ _CONSTANT_TYPES = (bool, int, float, str, type(None))  # arguments Dynamo bakes 
 # call in the process holds this lock; reentrant, for a compiled model whose
 # forward calls another one. Later calls take no lock.
 _first_call_lock = threading.RLock()
+_NOT_RUN = object()
 
 
 class CompiledModel:
@@ -1724,22 +1733,73 @@ class CompiledModel:
         self.cache: CacheDir | None = None
         self.factors: dict = {}  # what the cache hash is made of
         self.device: torch.device | None = None
+        self.first_run_isa: dict | None = None  # prepare() loaded the AOT function; the run that loads kernels is due
+        self.first_run_due = False
+        self.preparing: threading.Thread | None = None  # prepare(background=True)
+        self.prepare_error: BaseException | None = None
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad():  # inference: the pieces are compiled without a backward
-            if self.fn is None:
-                with _first_call_lock:
-                    if self.fn is None:  # a thread that waited finds it set and runs
-                        # The whole first call: computing the cache key and entering
-                        # the cache folder import Inductor's runtime (1 s on CPU on
-                        # torch 2.15), the first run loads kernels; a total that
-                        # started at the load, or stopped there, would hide them.
-                        with monitor_torch_compile(self.config, self.is_encoder), private_files():
-                            return self._first_call(args, kwargs)
+            if self.fn is None or self.first_run_due:
+                out = self._first(args, kwargs)
+                if out is not _NOT_RUN:
+                    return out
             self._check_inputs(args, kwargs)
             return self.fn(*args, **kwargs)
 
-    def _first_call(self, args, kwargs):
+    def prepare(self, *args, background: bool = False, **kwargs) -> None:
+        """Compiles or loads everything the first call would, for example
+        inputs of the first call's kinds (any size, dtypes, devices and
+        non-tensor arguments as the calls will have), and runs nothing: the
+        weights' values are not read, so they may be loaded meanwhile. With
+        background=True the work runs on a thread and prepare returns at once;
+        the first call waits for it and raises what it raised. (JIT mode
+        cannot trace without running: there the example inputs run once.)"""
+        if self.preparing is not None or self.fn is not None:
+            return  # one prepare at a time; what it makes serves every size
+        if not background:
+            with torch.no_grad():
+                self._first(args, kwargs, run=False)
+            return
+
+        def work():
+            try:
+                with torch.no_grad():
+                    self._first(args, kwargs, run=False)
+            except BaseException as e:  # handed to the first call
+                self.prepare_error = e
+
+        self.preparing = threading.Thread(target=work, name="vcompile-prepare", daemon=True)
+        self.preparing.start()
+
+    def _first(self, args, kwargs, run: bool = True):
+        """The first call, a prepare(), or the first run after a prepare();
+        _NOT_RUN when nothing ran (a prepare, or another thread did it all)."""
+        if self.preparing is not None and self.preparing is not threading.current_thread():
+            self.preparing.join()
+            self.preparing, error, self.prepare_error = None, self.prepare_error, None
+            if error is not None:
+                raise error
+        with _first_call_lock:
+            if self.fn is None:  # a thread that waited finds it set
+                # The whole first call: computing the cache key and entering
+                # the cache folder import Inductor's runtime (1 s on CPU on
+                # torch 2.15), the first run loads kernels; a total that
+                # started at the load, or stopped there, would hide them.
+                with monitor_torch_compile(self.config, self.is_encoder), private_files():
+                    return self._first_call(args, kwargs, run)
+            if run and self.first_run_due:
+                self._check_inputs(args, kwargs)  # against what prepare() was given
+                with inductor_cache_dir(self.cache):
+                    return self._first_run(args, kwargs)
+        return _NOT_RUN
+
+    def _first_run(self, args, kwargs):
+        self.first_run_due = False
+        with known_vec_isa(self.device, self.first_run_isa):
+            return self.fn(*args, **kwargs)  # kernels load into the cache folder
+
+    def _first_call(self, args, kwargs, run: bool = True):
         dims = self._bind_first_call(args, kwargs)
         with inductor_cache_dir(self.cache):
             if not self.config.use_aot or aot_unavailable(self.cache) is not None:
@@ -1751,8 +1811,8 @@ class CompiledModel:
             # Guards were filtered out at compile time; skip checking the empty set on every call.
             aot_fn.disable_guard_check()
             self.fn = functools.partial(aot_fn, self.model)
-            with known_vec_isa(self.device, isa):
-                return self.fn(*args, **kwargs)  # first run: kernels load into the cache folder
+            self.first_run_isa, self.first_run_due = isa, True
+            return self._first_run(args, kwargs) if run else _NOT_RUN
 
     def _bind_first_call(self, args, kwargs) -> dict[str, int]:
         """Checks the first call's inputs, records what later calls must
