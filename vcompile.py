@@ -1014,7 +1014,7 @@ class PutOff(BaseException):
 # to want a key holds its flock in <hash>/shared_pieces while it compiles,
 # then leaves the artifact's bytes there. Another process that wants the key
 # meanwhile puts that piece off and compiles one nobody holds; when nothing
-# else is left it waits, then loads the bytes: no trace of Inductor, the very
+# else is left it waits, then loads the bytes: no Inductor work, the very
 # artifact the first one built. The lock is per AOT key, not per (entry,
 # key): a piece's ranges share one key (the later ones hit Inductor's cache),
 # and two processes compiling them at once would both lower the graph.
@@ -1761,6 +1761,13 @@ class CompiledModel:
             with torch.no_grad():
                 self._first(args, kwargs, run=False)
             return
+        # Torch versions differ here. Without a GPU, fake tensors install a
+        # no-op CUDA device guard when they are first used; on torch 2.11, when
+        # a thread other than the caller's did that first, the caller's next
+        # trace crashes the process (a segfault). Installed here, on the
+        # caller's thread, as the caller's own first trace would, it does not.
+        if not torch.cuda.is_available() and hasattr(torch._C, "_ensureCUDADeviceGuardSet"):
+            torch._C._ensureCUDADeviceGuardSet()
 
         def work():
             try:
