@@ -1026,10 +1026,25 @@ class PutOff(BaseException):
 # rank stored 8 artifacts where the other stored 6 for the same graphs.
 #
 # A lone start reads no bytes an earlier start left here: files older than
-# this process's import, or any whose key it never found held, are compiled
-# as before (an Inductor cache hit), so a start alone counts and does what
-# it always did.
-_imported_at = time.time()
+# this process, unless it found their key held, are compiled as before (an
+# Inductor cache hit), so a start alone counts and does what it always did.
+
+
+def _process_started_at() -> float:
+    """When this process was started (Linux), else when vcompile was
+    imported. Processes started together are forked within milliseconds, but
+    one may take seconds longer to import torch, by which time another may
+    have shared a piece: measured from the import, it would not take it."""
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+        with open("/proc/stat") as f:
+            booted = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return booted + ticks / os.sysconf("SC_CLK_TCK")
+    return time.time()
+
+
+_started_at = _process_started_at()
 
 
 class CompilerManager:
@@ -1132,7 +1147,7 @@ class CompilerManager:
             return None
         with contextlib.suppress(OSError):  # absent
             written = os.path.getmtime(shared)
-            if key[1] in self.held_elsewhere or written >= _imported_at:
+            if key[1] in self.held_elsewhere or written >= _started_at:
                 return shared
         return None
 
