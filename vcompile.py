@@ -670,8 +670,8 @@ def lock_file(path: str, wait_s: float) -> int | None:
 # checksum does not help, the writer writes it too. So, as ssh refuses a key
 # file others can write and pip a cache folder it does not own, a start reads
 # a hash folder only if every folder and file from <root>/torch_aot_compile
-# down to its rank folder, and under inductor_cache, is owned by this user or
-# root and writable by neither group nor others. Folders above the root's
+# down to its rank folder, and under inductor_cache and shared_pieces, is
+# owned by this user or root and writable by neither group nor others. Folders above the root's
 # torch_aot_compile (a sticky /tmp) are not the cache's to judge.
 
 
