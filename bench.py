@@ -7,6 +7,7 @@
     python bench.py --json out.json --plot out.png
     python bench.py --model hf-llama      # the same cases on a Hugging Face Llama (needs transformers)
     python bench.py --generate            # decode speed: greedy tokens with a key/value cache
+    python bench.py --startup             # start-up: about 1 GB of weights on disk, with and without prepare()
 
 Every case runs in a fresh Python process with its own empty caches where it
 is cold, so what it measures is what a new server process pays:
@@ -653,6 +654,8 @@ def spawn(case: str, layers: int, device: str, dirs: dict, model_kwargs: dict, i
         if case in EMPTIED:
             shutil.rmtree(dirs[EMPTIED[case]], ignore_errors=True)
             os.makedirs(dirs[EMPTIED[case]])
+        if runner == "run_startup_case":
+            drop_from_page_cache(weights_file(dirs["vcompile"]))
         if case == "vcompile_cold_x4":
             runs.append(spawn_together(layers, device, dirs, model_kwargs, model_name))
             continue
@@ -933,6 +936,131 @@ def generate_table(results: dict, depths: list[int], summary: dict) -> str:
     return "\n".join(lines)
 
 
+# --- bench.py --startup: a server's start, weights on disk -------------------------
+# What a deployment pays before its first request: import, build the model
+# empty, read about 1 GB of float32 weights from a safetensors file, run.
+# Each case a fresh process, from before `import torch` to the first output.
+# The file is dropped from the page cache before each case, so every process
+# reads it from the disk, as the first start after a boot does.
+
+STARTUP_MODEL = dict(hidden=2048, heads=16, ffn=8192, vocab=1024)  # 268 MB of float32 per layer
+STARTUP_CASES = ["startup_eager", "startup_cold", "startup_cold_prepared", "startup_warm", "startup_warm_prepared"]
+REPEATED.update({"startup_eager", "startup_warm", "startup_warm_prepared"})
+LABELS.update({"startup_eager": "eager", "startup_cold": "vcompile cold",
+               "startup_cold_prepared": "vcompile cold, prepared", "startup_warm": "vcompile warm",
+               "startup_warm_prepared": "vcompile warm, prepared"})
+EMPTIED.update({"startup_cold": "vcompile", "startup_cold_prepared": "vcompile"})
+
+
+def weights_file(cache: str) -> str:
+    """The depth's weights, beside its cache folders."""
+    return os.path.join(os.path.dirname(cache), "weights.safetensors")
+
+
+def write_weights(path: str, layers: int, model_kwargs: dict) -> int:
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    model = Decoder(layers, **model_kwargs)
+    save_model(model, path)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def drop_from_page_cache(path: str) -> None:
+    """The next read of `path` comes from the disk (clean pages are dropped;
+    on a file system in memory, such as tmpfs, this does nothing)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def run_startup_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict, started: float,
+                     iters: int = 0, model_name: str = "decoder") -> dict:
+    """A start, in its own process: build empty (on the meta device, then
+    memory left uninitialized), load the weights, first call at FIRST_SIZE.
+    "prepared": prepare(background=True) before the load, from an example of
+    one token, as README's "Compiling at start-up" says."""
+    from safetensors.torch import load_model
+
+    uses_vcompile = case != "startup_eager"
+    if uses_vcompile:
+        import vcompile
+    imported = time.perf_counter()
+    with torch.device("meta"):
+        model = Decoder(layers, **model_kwargs)
+    model = model.to_empty(device=device).eval()
+    fn = model
+    if uses_vcompile:
+        cfg = vcompile.CompilationConfig(splitting_ops=SPLITTING_OPS, cache_dir=cache, **CONFIG)
+        fn = vcompile.compile(model, cfg)
+        if case.endswith("prepared"):
+            fn.prepare(torch.zeros(1, dtype=torch.long, device=device), background=True)
+    built = time.perf_counter()
+    load_model(model, weights_file(cache), device=device)
+    loaded = time.perf_counter()
+    torch.manual_seed(0)
+    ids = torch.randint(0, model_kwargs["vocab"], (FIRST_SIZE,), device=device)
+    with torch.no_grad():
+        out = fn(ids)
+        _sync(device)
+        first = time.perf_counter()
+        error = (out - model(ids)).abs().max().item()
+    result = {"import_s": imported - started, "build_s": built - imported, "weight_load_s": loaded - built,
+              "first_call_s": first - loaded, "first_output_s": first - started, "max_error": error}
+    if uses_vcompile:
+        result.update(monitor_s=cfg.compilation_time, counters=dataclasses.asdict(vcompile.counters))
+    return result
+
+
+def startup_summary(results: dict, depths: list[int]) -> dict:
+    """What prepare(background=True) hides: of the two things a start does
+    after the build, the weight load (eager's, alone) and the compiled load
+    or compile (vcompile's first call less eager's), the part the prepared
+    start no longer waits for. Counted from the end of the imports: a
+    prepared and an unprepared process import the same modules, but one
+    import can take 0.3 s longer than the next on a shared machine."""
+    def after_import(r):
+        return r["first_output_s"] - r["import_s"]
+
+    out: dict = {}
+    for layers in depths:
+        r = results[layers]
+        eager = r["startup_eager"]
+        out[layers] = {"weight_load_s": eager["weight_load_s"]}
+        for start in ("warm", "cold"):
+            alone, prepared = r[f"startup_{start}"], r[f"startup_{start}_prepared"]
+            hidden = after_import(alone) - after_import(prepared)
+            load = alone["first_call_s"] - eager["first_call_s"]
+            out[layers].update({
+                f"{start}_load_s": load, f"{start}_hidden_s": hidden,
+                f"{start}_hidden_of_smaller": hidden / min(eager["weight_load_s"], load),
+                f"{start}_over_eager": alone["first_output_s"] / eager["first_output_s"],
+                f"{start}_prepared_over_eager": prepared["first_output_s"] / eager["first_output_s"],
+            })
+    return out
+
+
+def startup_table(results: dict, depths: list[int], summary: dict, sizes: dict) -> str:
+    lines = []
+    for layers in depths:
+        lines.append(f"\n{layers} layers, {sizes[layers] / 1e9:.2f} GB of float32 weights read from disk")
+        lines.append(f"  {'case':26} {'first output':>12} {'import':>8} {'weights':>8} {'first call':>11} {'monitor':>8}")
+        for case in STARTUP_CASES:
+            r = results[layers][case]
+            monitor = f"{r['monitor_s']:7.2f}s" if "monitor_s" in r else f"{'':8}"
+            lines.append(f"  {LABELS[case]:26} {r['first_output_s']:11.2f}s {r['import_s']:7.2f}s "
+                         f"{r['weight_load_s']:7.2f}s {r['first_call_s']:10.2f}s {monitor}")
+        d = summary[layers]
+        for start, work in (("warm", "compiled load"), ("cold", "compile")):
+            lines.append(f"  {start}: weight load alone {d['weight_load_s']:.2f} s, {work} alone "
+                         f"{d[f'{start}_load_s']:.2f} s; prepare in the background hid {d[f'{start}_hidden_s']:.2f} s, "
+                         f"{100 * d[f'{start}_hidden_of_smaller']:.0f}% of the smaller; first output / eager's "
+                         f"{d[f'{start}_over_eager']:.2f}x, prepared {d[f'{start}_prepared_over_eager']:.2f}x")
+    return "\n".join(lines)
+
+
 def plot(results: dict, depths: list[int], path: str) -> None:
     import matplotlib
 
@@ -971,9 +1099,22 @@ def main(argv=None) -> None:
     parser.add_argument("--generate", action="store_true",
                         help=f"decode speed instead: {NEW_TOKENS} greedy tokens after a {PROMPT_SIZE}-token prompt, "
                              "with a key/value cache")
+    parser.add_argument("--startup", action="store_true",
+                        help="start-up instead: a wide decoder (268 MB of float32 weights per layer) loaded from a "
+                             "safetensors file, eager against vcompile warm and cold, with and without prepare() "
+                             "(default depth 4, about 1 GB; needs safetensors)")
     args = parser.parse_args(argv)
-    if args.plot and args.generate:
-        parser.error("--plot draws the compile cases; it does not go with --generate")
+    if args.generate and args.startup:
+        parser.error("--generate and --startup are two benches; run them one at a time")
+    if args.plot and (args.generate or args.startup):
+        parser.error("--plot draws the compile cases; it does not go with --generate or --startup")
+    if args.startup and args.model != "decoder":
+        parser.error("--startup runs bench.Decoder only")
+    if args.startup:
+        try:
+            import safetensors  # noqa: F401
+        except ImportError:
+            parser.error("--startup needs safetensors, which is not installed (pip install safetensors)")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -984,14 +1125,19 @@ def main(argv=None) -> None:
             import transformers  # noqa: F401
         except ImportError:
             parser.error(f"--model {args.model} needs transformers, which is not installed (pip install transformers)")
-    depths = args.layers or ([2, 8] if args.quick else [2, 8, 32])
+    depths = args.layers or ([4] if args.startup else [2, 8] if args.quick else [2, 8, 32])
     iters = 5 if args.quick else 30
-    model_kwargs = {**MODEL, "hidden": args.hidden}
+    model_kwargs = STARTUP_MODEL if args.startup else {**MODEL, "hidden": args.hidden}
     import vcompile
 
     device_name = vcompile.device_description(torch.device(args.device))
     cases, runner = (GEN_CASES, "run_generate_case") if args.generate else (CASES, "run_case")
-    if args.generate:
+    if args.startup:
+        cases, runner = STARTUP_CASES, "run_startup_case"
+        print(f"bench --startup: decoder {STARTUP_MODEL} on {args.device} ({device_name}), torch "
+              f"{torch.__version__}, layers {depths}, weights from safetensors read from disk, first output at "
+              f"{FIRST_SIZE} tokens", flush=True)
+    elif args.generate:
         print(f"bench --generate: {args.model} on {args.device} ({device_name}), torch {torch.__version__}, layers "
               f"{depths}, {NEW_TOKENS} greedy tokens after a {PROMPT_SIZE}-token prompt", flush=True)
     else:
@@ -1000,6 +1146,7 @@ def main(argv=None) -> None:
 
     base = args.keep or tempfile.mkdtemp(prefix="vcompile-bench-")
     results: dict = {}
+    sizes: dict = {}  # bytes of weights per depth, --startup
     try:
         if args.device == "cpu":
             # Inductor builds a precompiled C++ header once per machine, in a
@@ -1010,6 +1157,8 @@ def main(argv=None) -> None:
         for layers in depths:
             dirs = case_dirs(os.path.join(base, f"{layers}-layers"))
             results[layers] = {}
+            if args.startup:
+                sizes[layers] = write_weights(weights_file(dirs["vcompile"]), layers, model_kwargs)
             for case in cases:
                 r = spawn(case, layers, args.device, dirs, model_kwargs, iters, repeats=1 if args.quick else 3,
                           model_name=args.model, runner=runner)
@@ -1022,16 +1171,24 @@ def main(argv=None) -> None:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
-    summary = generate_summary(results, depths) if args.generate else ratios(results, depths)
-    print(generate_table(results, depths, summary) if args.generate else table(results, depths, summary))
+    if args.startup:
+        summary = startup_summary(results, depths)
+        print(startup_table(results, depths, summary, sizes))
+    elif args.generate:
+        summary = generate_summary(results, depths)
+        print(generate_table(results, depths, summary))
+    else:
+        summary = ratios(results, depths)
+        print(table(results, depths, summary))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model_name": args.model, "device": args.device, "device_name": device_name,
                        "torch": torch.__version__, "python": platform.python_version(),
                        "date": datetime.date.today().isoformat(), "model": model_kwargs,
                        **({"config": GEN_CONFIG, "prompt_size": PROMPT_SIZE, "new_tokens": NEW_TOKENS}
-                          if args.generate else {"config": CONFIG, "first_size": FIRST_SIZE,
-                                                 "steady_size": STEADY_SIZE, "steady_calls": iters}),
+                          if args.generate else {"config": CONFIG, "first_size": FIRST_SIZE, "weight_bytes": sizes}
+                          if args.startup else {"config": CONFIG, "first_size": FIRST_SIZE,
+                                                "steady_size": STEADY_SIZE, "steady_calls": iters}),
                        "results": results, "ratios": summary}, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
@@ -1044,6 +1201,9 @@ def progress_line(case: str, r: dict) -> str:
     if "first_token_s" in r:
         return (f"{LABELS[case]:28} first token {r['first_token_s']:7.2f} s (import {r['import_s']:.2f} s{monitor}), "
                 f"decode {r['decode_tokens_per_s']:.1f} tokens/s")
+    if "weight_load_s" in r:
+        return (f"{LABELS[case]:28} first output {r['first_output_s']:7.2f} s (import {r['import_s']:.2f} s, "
+                f"weights {r['weight_load_s']:.2f} s{monitor})")
     return (f"{LABELS[case].strip():28} first output {r['first_output_s']:7.2f} s (import {r['import_s']:.2f} s"
             f"{monitor}), steady {r['steady_ms']:.2f} ms")
 

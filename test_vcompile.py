@@ -2323,9 +2323,40 @@ def hf_ids(size: int, device: str) -> torch.Tensor:
     return token_ids(size, device)[None]
 
 
-def child_hfs(root: str, device: str, swap_weights: bool = False) -> dict:
-    """Each of bench.HF_MODELS in turn, in one process."""
-    return {name: child_hf(root, device, name, swap_weights) for name in bench.HF_MODELS}
+def child_hfs(root: str, device: str, swap_weights: bool = False, on_meta: bool = False) -> dict:
+    """Each of bench.HF_MODELS in turn, in one process; then, on_meta, the
+    Llama again as README's "Compiling at start-up" builds it."""
+    results = {name: child_hf(root, device, name, swap_weights) for name in bench.HF_MODELS}
+    if on_meta:
+        results["llama on meta"] = child_hf_on_meta(root, device)
+    return results
+
+
+def child_hf_on_meta(root: str, device: str) -> dict:
+    """Built on the meta device, its memory made by to_empty, the rotary
+    embedding built again (its inv_freq is a non-persistent buffer: no
+    checkpoint holds it, and to_empty left it uninitialized), prepared in the
+    background while the checkpoint loads."""
+    import transformers
+
+    torch.manual_seed(0)
+    reference = bench.hf_model("llama").to(device)
+    checkpoint = reference.state_dict()
+    before = counter_values()
+    with torch.device("meta"):
+        model = transformers.LlamaModel(reference.config).eval()
+    model.to_empty(device=device)
+    with torch.device(device):
+        model.rotary_emb = type(model.rotary_emb)(model.config)
+    cfg = CompilationConfig(splitting_ops=bench.HF_SPLITTING_OPS, cache_dir=root, **SMALL_CONFIG)
+    fn = vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": 1})
+    fn.prepare(hf_ids(5, device), background=True)
+    model.load_state_dict(checkpoint)
+    with torch.no_grad():
+        errors = {size: (fn(hf_ids(size, device)).last_hidden_state
+                         - reference(hf_ids(size, device)).last_hidden_state).abs().max().item()
+                  for size in SMALL_SIZES}
+    return {"counters": {k: v - before[k] for k, v in counter_values().items()}, "errors": errors}
 
 
 def child_hf(root: str, device: str, name: str, swap_weights: bool = False) -> dict:
@@ -2361,7 +2392,7 @@ def child_hf(root: str, device: str, name: str, swap_weights: bool = False) -> d
 def test_hugging_face_decoders_compile_and_start_warm(device, tmp_path):
     pytest.importorskip("transformers")
     colds = run_child("child_hfs", root=str(tmp_path), device=device)
-    warms = run_child("child_hfs", root=str(tmp_path), device=device, swap_weights=True)
+    warms = run_child("child_hfs", root=str(tmp_path), device=device, swap_weights=True, on_meta=True)
     for name in bench.HF_MODELS:
         cold, warm = colds[name], warms[name]
         for result in (cold, warm):
@@ -2374,6 +2405,11 @@ def test_hugging_face_decoders_compile_and_start_warm(device, tmp_path):
         else:
             assert_counters(warm, num_graphs_seen=1, num_inductor_compiles=0, num_aot_artifacts_loaded=0)
         assert warm["swapped_error"] <= TOL[device] and warm["swap_changed"] > 1e-3, name
+    # README's recipe for a model built on the meta device: its cache key is the
+    # Llama's above (the same shapes and dtypes), so it starts warm.
+    assert_matches_eager(warms["llama on meta"], device)
+    if AOT_WRAPS_HF:
+        assert_counters(warms["llama on meta"], **WARM)
 
 
 # =============================================================================
@@ -2652,6 +2688,27 @@ def test_bench_decodes_a_nanogpt_decoder_and_times_steps_alternated(tmp_path, mo
     steps = bench.spawn_once("alternated", **{**kwargs, "runner": "run_decode_alternated"})
     assert steps["steps"] == bench.GEN_CONFIG["max_num_batched_tokens"] - bench.ALTERNATED_PROMPT
     assert all(steps[f"{name}_step_ms"] > 0 for name in ("eager", "stock", "vcompile"))
+
+
+def test_bench_startup_loads_weights_from_disk_while_prepare_works(tmp_path, monkeypatch):
+    # bench.py --startup, three of its cases on a small decoder: built on the
+    # meta device, weights read from a safetensors file; prepared in the
+    # background cold (compiles) and warm (loads). Each process checks its
+    # first output against eager with the weights it loaded.
+    pytest.importorskip("safetensors")
+    monkeypatch.setenv("PYTHONPATH", known_isa_path())
+    dirs = bench.case_dirs(str(tmp_path))
+    model_kwargs = {**bench.MODEL, "hidden": 64}
+    size = bench.write_weights(bench.weights_file(dirs["vcompile"]), 1, model_kwargs)
+    assert size == sum(p.numel() * 4 for p in bench.Decoder(1, **model_kwargs).parameters())
+    kwargs = dict(layers=1, device="cpu", dirs=dirs, model_kwargs=model_kwargs, iters=0, model_name="decoder",
+                  runner="run_startup_case")
+    eager, cold, warm = (bench.spawn_once(case, **kwargs)
+                         for case in ("startup_eager", "startup_cold_prepared", "startup_warm_prepared"))
+    for result in (eager, cold, warm):
+        assert result["first_output_s"] > result["weight_load_s"] > 0 and result["max_error"] <= 1e-3, result
+    assert cold["counters"]["num_inductor_compiles"] > 0 and cold["counters"]["num_aot_artifacts_saved"] == 1
+    assert warm["counters"]["num_inductor_compiles"] == 0 and warm["counters"]["num_aot_artifacts_loaded"] == 1
 
 
 def test_bench_hf_model_without_transformers_says_so():
