@@ -2168,7 +2168,7 @@ class ShapedDecoder(bench.Decoder):
         return hidden, (hidden.sum(-1), (hidden[:1],))  # nested tuple
 
 
-CAUSES = ["decorated", "dataclass", "dict", "nested tuple", "keywords", "(1, T) input"]
+CAUSES = ["decorated", "dataclass", "dict", "nested tuple", "keywords", "(1, T) input", "nn.Sequential"]
 
 
 def leaves(out) -> list:
@@ -2201,7 +2201,13 @@ def child_brought_model(root: str, device: str, cause: str, seed: str | None = N
     logs = record_logs()
     before = counter_values()
     torch.manual_seed(0)
-    model = (DecoratedDecoder() if cause == "decorated" else ShapedDecoder(cause)).to(device)
+    if cause == "nn.Sequential":  # a forward torch defines: Dynamo wraps it in a closure of its own
+        model = torch.nn.Sequential(bench.Decoder()).to(device)
+        if seed is None:  # the warm start's weights are not the cold start's: the saved function holds none
+            with torch.no_grad():
+                model[0].norm.weight.add_(1.0)
+    else:
+        model = (DecoratedDecoder() if cause == "decorated" else ShapedDecoder(cause)).to(device)
     cfg = CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root, **SMALL_CONFIG)
     # Left to the default, dims is dim 0 of every tensor argument: positions too.
     dims = {"(1, T) input": {"input_ids": 1}, "keywords": {"input_ids": 0, "positions": 0}}.get(cause)

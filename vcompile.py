@@ -1867,10 +1867,10 @@ class CompiledModel:
             global _compile_started_at
             compiled = self._torch_compile(pieces_dir=None)
             self.compiled_fn = None  # set by the backend: then any failure is torch's, wrapping its result
-            inputs = trace_inputs(self.__signature__, args, kwargs, dims, self.config, unbacked)
+            trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config, unbacked)
             _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here
             with _tracing_patches():
-                return compiled.aot_compile(inputs)
+                return compiled.aot_compile(((self.model, *trace_args), trace_kwargs))
 
         try:
             aot_fn = self._unbacked_else_backed(aot_compile)
@@ -1903,10 +1903,11 @@ class CompiledModel:
             with _tracing_patches():
                 # Dynamo traces, the backend compiles or loads every piece, then
                 # the call runs: in JIT mode they cannot be separated.
-                out = compiled(*trace_args, **trace_kwargs)
+                out = compiled(self.model, *trace_args, **trace_kwargs)
             # A one-token call traced at two runs again as itself (its size may fail a guard).
             rerun = not unbacked and traced_at_two(self.__signature__, args, kwargs, dims, self.config)
-            return compiled, compiled(*args, **kwargs) if rerun else out
+            fn = functools.partial(compiled, self.model)
+            return fn, fn(*args, **kwargs) if rerun else out
 
         self.fn, out = self._unbacked_else_backed(trace_and_run)
         if self.cache is not None and self.cache.writable and not warm:
@@ -1934,9 +1935,14 @@ class CompiledModel:
     def _torch_compile(self, pieces_dir: str | None):
         # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
         # default in torch 2.13, not in every earlier release.
+        # The forward as a plain function, called with the model first, as a
+        # saved function is. Compiled as a bound method, a forward torch
+        # itself defines (nn.Sequential's) is wrapped by Dynamo in a closure
+        # that holds the model: the compiled function then took no model and
+        # failed at its first run, and saving it would pickle the weights.
         with torch._dynamo.config.patch(enable_aot_compile=True):
             return torch.compile(
-                self.model.forward, fullgraph=True, dynamic=False,
+                type(self.model).forward, fullgraph=True, dynamic=False,
                 backend=functools.partial(self._backend, pieces_dir=pieces_dir),
                 # The graph is traced once and never re-checked: guards would only
                 # cost time per call, and a failed one would mean a recompile.
