@@ -2249,6 +2249,15 @@ def test_models_people_bring_compile_and_start_warm(device, cold_cache, tmp_path
     assert "argument 'use_cache' was compiled as False; got True" in warms["keywords"]["other_flag"]
 
 
+def test_a_forward_set_on_the_instance_is_refused_when_compiled():
+    # accelerate's hooks replace module.forward on the instance; the class's
+    # forward is what vcompile compiles, so running it would skip the hooks.
+    model = bench.Decoder()
+    model.forward = lambda input_ids: bench.Decoder.forward(model, input_ids) * 2
+    with pytest.raises(ValueError, match="Decoder has a forward of its own, set on the instance"):
+        vcompile.compile(model, config(**SMALL_CONFIG))
+
+
 def child_failing_save(root: str, device: str, seed: str | None = None, fail: bool = True) -> dict:
     if fail:  # not an OSError: a bug, or a pickling failure deep in torch
         def broken_save(self, path, external_data=None):

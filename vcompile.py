@@ -1738,6 +1738,14 @@ class CompiledModel:
 
     def __init__(self, model: torch.nn.Module, config: CompilationConfig,
                  dynamic_arg_dims: dict[str, int] | None, is_encoder: bool):
+        if "forward" in vars(model):
+            # What is compiled and saved is the class's forward, called with
+            # the model first (see _torch_compile): one set on the instance,
+            # as accelerate's hooks set it, would be passed over in silence.
+            raise ValueError(f"vcompile: this {type(model).__name__} has a forward of its own, set on the "
+                             "instance (as accelerate's hooks set one); vcompile compiles the class's forward. "
+                             "Remove it (accelerate.hooks.remove_hook_from_module) or compile a module whose "
+                             "forward calls this model")
         self.model, self.config, self.is_encoder = model, config, is_encoder
         self.dynamic_arg_dims = dynamic_arg_dims
         self.__signature__ = inspect.signature(model.forward)
