@@ -671,8 +671,9 @@ def lock_file(path: str, wait_s: float) -> int | None:
 # file others can write and pip a cache folder it does not own, a start reads
 # a hash folder only if every folder and file from <root>/torch_aot_compile
 # down to its rank folder, and under inductor_cache and shared_pieces, is
-# owned by this user or root and writable by neither group nor others. Folders above the root's
-# torch_aot_compile (a sticky /tmp) are not the cache's to judge.
+# owned by this user or root and writable by neither group nor others.
+# Folders above the root's torch_aot_compile (a sticky /tmp) are not the
+# cache's to judge.
 
 
 def untrusted(cache: CacheDir) -> str | None:
@@ -1941,13 +1942,13 @@ class CompiledModel:
         return result
 
     def _torch_compile(self, pieces_dir: str | None):
-        # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
-        # default in torch 2.13, not in every earlier release.
         # The forward as a plain function, called with the model first, as a
         # saved function is. Compiled as a bound method, a forward torch
         # itself defines (nn.Sequential's) is wrapped by Dynamo in a closure
         # that holds the model: the compiled function then took no model and
         # failed at its first run, and saving it would pickle the weights.
+        # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
+        # default in torch 2.13, not in every earlier release.
         with torch._dynamo.config.patch(enable_aot_compile=True):
             return torch.compile(
                 type(self.model).forward, fullgraph=True, dynamic=False,
