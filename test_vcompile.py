@@ -941,9 +941,11 @@ def test_a_read_only_root_with_this_models_cache_starts_warm_and_writes_nothing(
     assert len(said) == 1 and said[0].startswith(f"INFO vcompile: the compile cache under {shipped} is read-only")
     assert said[0].endswith("loading from it and writing nothing there")
     assert snapshot(shipped) == before
-    # Measured in this one run; the issue it fixes made the read-only start 25x slower.
+    # Measured in this one run; the issue it fixes made the read-only start 25x
+    # slower. The margin is wide because the tests beside it on two cores have
+    # slowed the better of two read-only starts to 2.2x the writable one.
     ratio = ro["first_call_s"] / rw["first_call_s"]
-    assert ratio < 2.0, f"first call {ro['first_call_s']:.2f} s read-only, {rw['first_call_s']:.2f} s writable"
+    assert ratio < 5.0, f"first call {ro['first_call_s']:.2f} s read-only, {rw['first_call_s']:.2f} s writable"
 
 
 def snapshot(path) -> dict:
