@@ -1031,10 +1031,12 @@ TAMPERED = ["world-writable hash folder", "group-writable rank folder", "rank fo
 def test_a_cache_folder_others_could_write_is_not_loaded(device, cold_cache, tmp_path):
     if os.getuid() != 0:
         pytest.skip("chown to another user needs root")  # CI runs as root
-    # Warm: a whole cache, tampered with. Cold: the folders made empty, so
-    # that whatever this start writes there another user could replace.
+    # Warm: a whole cache, tampered with each way. Cold: folders made empty,
+    # so that whatever this start writes there another user could replace;
+    # one way only, since each such start compiles (the same check reads both).
     name = os.path.basename(cold_cache(device)["hash_dir"])
-    roots = {(how, start): tmp_path / f"{start}-{how.replace(' ', '-')}" for how in TAMPERED for start in ("warm", "cold")}
+    roots = {(how, start): tmp_path / f"{start}-{how.replace(' ', '-')}" for how in TAMPERED
+             for start in ("warm", "cold") if start == "warm" or how == TAMPERED[-1]}
     for (how, start), root in roots.items():
         if start == "warm":
             tampered(how, copy_cache(cold_cache(device)["hash_dir"], root))
@@ -2633,7 +2635,8 @@ def child_generate(root: str, device: str, names=("decoder", "llama"), first_pro
 @pytest.mark.parametrize("device", DEVICES)
 def test_generating_with_a_key_value_cache_matches_eager_cold_and_warm(device, tmp_path):
     pytest.importorskip("transformers")
-    names = ["decoder", "llama", *bench.STYLE_BLOCKS]
+    # The decoders of STYLE_BLOCKS generate in the test below, from a first call of one token.
+    names = ["decoder", "llama"]
     cold = run_child("child_generate", root=str(tmp_path), device=device, names=names)
     warm = run_child("child_generate", root=str(tmp_path), device=device, names=names)
     # torch 2.11 runs the Hugging Face model the JIT way (section 13), tracing it a second time.
