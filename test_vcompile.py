@@ -1256,10 +1256,14 @@ class CheckedBranches(torch.nn.Module):
         return x * 100
 
 
-# model, first call's size, the guard in words, how the token count is traced
-GUARDED = {"branches": (Branches, 4, "size >= 4", "backed"), "checked": (Checked, 5, "size <= 42", "unbacked"),
-           "even": (EvenOnly, 6, "(size % 2) == 0", "backed"),
-           "checked branches": (CheckedBranches, 5, "size <= 42", "backed")}
+# model, first call's size, the guard in words, how the token count is traced,
+# the sizes eager runs (to 64), how many traces it takes
+GUARDED = {"branches": (Branches, 4, "size >= 4", "backed", range(1, 65), 2),
+           "branches at 2": (Branches, 2, "size < 4", "backed", range(1, 65), 2),
+           "branches at 1": (Branches, 1, "size < 4", "backed", range(1, 65), 2),
+           "checked": (Checked, 5, "size <= 42", "unbacked", range(1, 43), 1),
+           "even": (EvenOnly, 6, "(size % 2) == 0", "backed", range(1, 65), 2),
+           "checked branches": (CheckedBranches, 5, "size <= 42", "backed", range(1, 43), 2)}
 GUARD_CONFIG = dict(compile_ranges_endpoints=[8], max_num_batched_tokens=64)
 
 
@@ -1295,14 +1299,16 @@ def test_the_size_table_keeps_only_guards_on_the_token_count(caplog):
 
 def child_guarded(root: str, device: str) -> dict:
     """Each guarded model, first called at its size, then at every size from
-    1 to one past the token budget: the outputs, or the error each size raised."""
+    1 to one past the token budget: the outputs, or the error each size
+    raised. A root each: the same model first called at another size."""
     results = {}
     for name, (model_class, first_size, *_) in GUARDED.items():
         model, logs, first = model_class(), record_logs(), counter_values()
-        fn = vcompile.compile(model, CompilationConfig(cache_dir=root, **GUARD_CONFIG))
+        root_of_model = os.path.join(root, name.replace(" ", "-"))
+        fn = vcompile.compile(model, CompilationConfig(cache_dir=root_of_model, **GUARD_CONFIG))
         fn(torch.arange(first_size, dtype=torch.float32, device=device))
         logging.getLogger("vcompile").removeHandler(logs)
-        before, files = counter_values(), snapshot(root)
+        before, files = counter_values(), snapshot(root_of_model)
         errors, refused = {}, {}
         for size in range(1, 66):
             x = torch.arange(size, dtype=torch.float32, device=device)
@@ -1311,44 +1317,72 @@ def child_guarded(root: str, device: str) -> dict:
             except ValueError as e:
                 refused[size] = str(e)
         results[name] = {"errors": errors, "refused": refused, "unchanged": counter_values() == before
-                         and snapshot(root) == files, "logs": logs.lines,
+                         and snapshot(root_of_model) == files, "logs": logs.lines,
                          "counters": {k: v - first[k] for k, v in before.items()}}
     return {"models": results, "counters": counter_values()}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_size_where_a_traced_guard_fails_raises_cold_and_warm(device, tmp_path):
+def test_sizes_the_first_trace_excludes_get_traces_of_their_own_cold_and_warm(device, tmp_path):
     cold = run_child("child_guarded", root=str(tmp_path), device=device)
     warm = run_child("child_guarded", root=str(tmp_path), device=device)
-    assert_counters(cold, num_aot_artifacts_saved=4)
-    assert_counters(warm, num_aot_artifacts_loaded=4, num_graphs_seen=0, num_inductor_compiles=0)
-    for name, (_, _, _, traced) in GUARDED.items():
-        # One trace each: an unbacked attempt that fails makes no graph.
+    traces = sum(spec[5] for spec in GUARDED.values())
+    assert_counters(cold, num_aot_artifacts_saved=traces, num_extra_traces=traces - len(GUARDED))
+    assert_counters(warm, num_aot_artifacts_loaded=traces, num_graphs_seen=0, num_inductor_compiles=0)
+    for name, (_, _, _, traced, _, n) in GUARDED.items():
+        # An unbacked attempt that fails makes no graph; a later trace is backed.
         assert cold["models"][name]["counters"]["num_unbacked_traces"] == (traced == "unbacked"), name
-        assert cold["models"][name]["counters"]["num_backed_traces"] == (traced == "backed"), name
+        assert cold["models"][name]["counters"]["num_backed_traces"] == n - (traced == "unbacked"), name
         fell_back = [line for line in cold["models"][name]["logs"] if "cannot be traced unbacked" in line]
         assert len(fell_back) == (traced == "backed"), name
+        separately = [line for line in cold["models"][name]["logs"] if "traced separately" in line]
+        assert len(separately) == n - 1, (name, separately)
     line = inspect.getsourcelines(Branches.forward)[1] + 1
     # Dynamo names the file by a path it shortens, which depends on where the repository lies.
-    [fell_back] = [line for line in cold["models"]["branches"]["logs"] if "unbacked" in line]
+    where = r"`if x\.size\(\)\[0\] >= 4:  # \S*test_vcompile\.py:" + str(line) + " in forward`"
+    logs = cold["models"]["branches"]["logs"]
+    [fell_back] = [line for line in logs if "unbacked" in line]
     assert re.fullmatch(r"INFO vcompile: the token count cannot be traced unbacked: the model decides `size >= 4` "
-                        r"at `if x\.size\(\)\[0\] >= 4:  # \S*test_vcompile\.py:" + str(line) + " in forward`; "
-                        r"traced backed, which refuses sizes 1 to 3", fell_back), fell_back
-    valid = {"branches": lambda n: 4 <= n <= 64, "checked": lambda n: n <= 42, "even": lambda n: n % 2 == 0 and n <= 64,
-             "checked branches": lambda n: 4 <= n <= 42}
+                        rf"at {where}; traced backed, its guards exclude sizes 1 to 3", fell_back), fell_back
+    [separately] = [line for line in logs if "separately" in line]
+    assert re.fullmatch(rf"INFO vcompile: sizes 1 to 3 fail the size guard `size >= 4` that tracing recorded at {where}: "
+                        r"traced separately at 2, which runs sizes 1 to 3", separately), separately
+    # torch._check(x.shape[0] <= 42) traced backed at 43 fails as eager fails: said once, cold; not traced warm.
+    [failed] = [line for line in cold["models"]["checked branches"]["logs"] if "fail too" in line]
+    assert failed.startswith("INFO vcompile: sizes 43 to 64 fail the size guard `size <= 42`")
+    assert not [line for line in warm["models"]["checked branches"]["logs"] if "fail too" in line]
     for start in (cold, warm):
         for name, result in start["models"].items():
-            assert sorted(map(int, result["errors"])) == [n for n in range(1, 66) if valid[name](n)], name
+            assert sorted(map(int, result["errors"])) == list(GUARDED[name][4]), name
             assert max(result["errors"].values()) == 0.0, name  # the branch eager takes at every size
             for size, message in result["refused"].items():
-                guard = "size >= 4" if name == "checked branches" and int(size) < 4 else GUARDED[name][2]
-                expected = "outside every compile range" if size == "65" else f"fails the size guard `{guard}`"
+                expected = "outside every compile range" if size == "65" else "fails the size guard `size <= 42`"
                 assert f"vcompile: size {size} " in message and expected in message, (name, size, message)
-            assert result["unchanged"], name  # a refused call ran nothing and wrote nothing
-    assert "the traced graph holds for sizes 4 to 64" in cold["models"]["branches"]["refused"]["3"]
+            assert result["unchanged"], name  # nothing traced or compiled after the first call; a refusal wrote nothing
     assert "holds for sizes 1 to 42" in warm["models"]["checked"]["refused"]["43"]
-    assert "holds for sizes 4 to 42" in warm["models"]["checked branches"]["refused"]["43"]
-    assert "holds for sizes 2, 4, 6, 8, 10, ... (32 sizes), 64" in warm["models"]["even"]["refused"]["3"]
+    assert "holds for sizes 1 to 42" in warm["models"]["checked branches"]["refused"]["43"]
+    listing = {row["model"]: row for row in json.loads(cache_command(str(tmp_path / "even"), "--json").stdout)}
+    assert listing["test_vcompile.EvenOnly"]["trace_sizes"] == ["2, 4, 6, 8, 10, ... (32 sizes), 64",
+                                                                 "1, 3, 5, 7, 9, ... (32 sizes), 63"]
+    assert sorted(listing["test_vcompile.EvenOnly"]["artifacts"]) == ["rank_0_0/model", "rank_0_0/model.trace1"]
+
+
+@pytest.mark.core
+def test_a_model_past_max_traces_is_refused_at_the_sizes_left_with_the_bound_named(caplog):
+    caplog.set_level(logging.WARNING, logger="vcompile")
+    model = EvenOnly()
+    fn = vcompile.compile(model, CompilationConfig(disable_cache=True, max_traces=1, **GUARD_CONFIG))
+    x = torch.arange(6, dtype=torch.float32)
+    assert torch.equal(fn(x), model(x))
+    with pytest.raises(ValueError, match=r"size 3 fails the size guard `\(size % 2\) == 0`.* it has no trace of its "
+                                         r"own: a model gets at most CompilationConfig.max_traces=1 traces, raise it"):
+        fn(torch.arange(3, dtype=torch.float32))
+    [said] = messages(caplog)
+    assert said.startswith("vcompile: size 1 fails the size guard `(size % 2) == 0` that tracing recorded at `if x.")
+    assert said.endswith("a trace of their own would pass CompilationConfig.max_traces=1: sizes 1, 3, 5, 7, 9, "
+                         "... (32 sizes), 63 stay refused")
+    with pytest.raises(ValueError, match="max_traces must be a positive int, got 0"):
+        CompilationConfig(max_traces=0)
 
 
 # =============================================================================
@@ -2557,13 +2591,28 @@ GENERATE_CONFIG = dict(compile_sizes=[1], compile_ranges_endpoints=[16], max_num
 # nanogpt, gpt-fast: layout work around the cache op in traced code) and
 # Hugging Face families. gpt2 and the bench's decoder take (tokens,), the
 # others (1, tokens).
-UNBATCHED = ("decoder", "gpt2")
+UNBATCHED = ("decoder", "gpt2", "decode branch")
+
+
+class DecodeBranchDecoder(bench.CachedDecoder):
+    """A decode path of its own, as a server writes one: at one token the
+    branch is taken, and a trace at a prompt's size records `size != 1`."""
+
+    def forward(self, input_ids, position_ids):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, position_ids)
+        if input_ids.shape[0] == 1:
+            return self.lm_head(self.norm(x[-1:]))
+        return self.lm_head(self.norm(x))
 
 
 def cached_model(name: str, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "decoder":
         model = bench.CachedDecoder(max_tokens=64)
+    elif name == "decode branch":
+        model = DecodeBranchDecoder(max_tokens=64)
     elif name in bench.STYLE_BLOCKS:
         model = bench.StyleDecoder(name, max_tokens=64)
     else:
@@ -2675,6 +2724,18 @@ def test_decoders_as_people_write_them_decode_from_a_first_call_of_one_token(dev
     assert_generates_what_eager_generates(cold, warm, device)
     listing = json.loads(cache_command(str(tmp_path), "--json").stdout)
     assert sorted(row["traced"] for row in listing) == ["unbacked"] * 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_decoder_whose_decode_path_branches_on_one_token_decodes_cold_and_warm(device, tmp_path):
+    cold = run_child("child_generate", root=str(tmp_path), device=device, names=["decode branch"])
+    warm = run_child("child_generate", root=str(tmp_path), device=device, names=["decode branch"])
+    # Traced at the prompt's 20 tokens, `if t == 1:` excludes one token: a second trace, at 1, runs it.
+    assert_counters(cold, num_aot_artifacts_saved=2, num_backed_traces=2, num_extra_traces=1)
+    assert_counters(warm, **{**WARM, "num_aot_artifacts_loaded": 2})
+    assert any(line.startswith("INFO vcompile: size 1 fails the size guard `size != 1`") and
+               line.endswith("traced separately at 1, which runs sizes 1") for line in cold["models"]["decode branch"]["logs"])
+    assert_generates_what_eager_generates(cold, warm, device)
 
 
 def test_bench_generates_with_a_hugging_face_llama(tmp_path, monkeypatch):

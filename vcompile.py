@@ -141,6 +141,9 @@ class CompilationConfig:
     # How long a process waits for another one compiling the same piece into
     # the same cache root (section 7) before it compiles the piece itself.
     compile_wait_s: float = 300.0
+    # How many traces a model that branches on the token count may get, the
+    # first included (section 12): each costs a trace and its compiles.
+    max_traces: int = 4
     use_aot: bool = True
     use_codegen: bool = True
     # Written by monitor_torch_compile alone. Before PR 40641 the backend also
@@ -156,8 +159,9 @@ class CompilationConfig:
         for op in self.splitting_ops:
             if not isinstance(op, str) or "::" not in op:
                 raise ValueError(f"vcompile: splitting op {op!r} is not of the form 'ns::op[.overload]'")
-        if not _is_int(self.max_num_batched_tokens) or self.max_num_batched_tokens < 1:
-            raise ValueError(f"vcompile: max_num_batched_tokens must be a positive int, got {self.max_num_batched_tokens!r}")
+        for name in ("max_num_batched_tokens", "max_traces"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"vcompile: {name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("compile_ranges_endpoints", "compile_sizes"):
             bad = [v for v in getattr(self, name) if not _is_int(v) or v < 1]
             if bad:
@@ -193,6 +197,7 @@ class CompilationCounter:
     num_aot_compiles: int = 0
     num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 12)
     num_backed_traces: int = 0  # graphs traced backed, their guards on the token count kept (section 6)
+    num_extra_traces: int = 0  # traces of sizes the first trace's guards exclude (section 12), of the above
     num_aot_artifacts_saved: int = 0
     num_aot_artifacts_loaded: int = 0
     num_fx_graph_deserializations: int = 0  # only the use_codegen=False baseline has any
@@ -341,6 +346,9 @@ class CacheDir:
     def model_path(self) -> str:
         return os.path.join(self.rank_dir, "model")
 
+    def trace_path(self, trace: int) -> str:  # the first trace's is model_path (section 12)
+        return self.model_path if trace == 0 else f"{self.model_path}.trace{trace}"
+
     @property
     def pieces_dir(self) -> str:
         return os.path.join(self.rank_dir, "pieces")
@@ -479,15 +487,24 @@ def record_cold_start(cache: CacheDir, factors: dict) -> None:
         logger.debug("vcompile: cannot explain or record this cache miss: %s", describe(e))
 
 
-def record_trace(cache: CacheDir, traced: str) -> None:
-    """After a cold start's trace: "unbacked" or "backed", for the listing."""
+def record_trace(cache: CacheDir, **fields) -> None:
+    """After a cold start's trace, for the listing: how it was traced
+    ("unbacked" or "backed"), and, with several traces, the sizes each runs."""
     path = os.path.join(cache.hash_dir, FACTORS_FILE)
     try:
         with open(path) as f:
             recorded = json.load(f)
-        write_atomically(path, json.dumps({**recorded, "traced": traced}, indent=1).encode())
+        write_atomically(path, json.dumps({**recorded, **fields}, indent=1).encode())
     except Exception as e:  # as above
         logger.debug("vcompile: cannot record how %s was traced: %s", cache.hash_dir, describe(e))
+
+
+def recorded_factors(cache: CacheDir) -> dict:
+    try:
+        with open(os.path.join(cache.hash_dir, FACTORS_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # none yet, or a folder from before 0.2.0
+        return {}
 
 
 def mark_loaded(cache: CacheDir) -> None:
@@ -775,7 +792,8 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 # sizes the graph holds for, as guards on the size symbols. vcompile keeps
 # exactly those (every other guard stays dropped) as a table from each size up
 # to max_num_batched_tokens to the entry that runs it, saved with the
-# artifact, and refuses a size where a guard fails: one list index per call.
+# artifact: one list index per call. The sizes where a guard fails get traces
+# of their own (section 12); a size no trace runs is refused.
 # A trace with the token count unbacked (section 12) records no guard, only
 # runtime asserts (`torch._check(x.shape[0] <= 42)` becomes `u0 <= 42`),
 # which the compiled code would raise from inside a kernel: the table keeps
@@ -852,13 +870,19 @@ def guards_hold(guards: list[tuple[str, str]]) -> Callable[[int], bool]:
     return eval("lambda size: " + (" and ".join(f"({text})" for text, _ in guards) or "True"), {"math": math})
 
 
-def size_table(entries: list[Range], guards: list[tuple[str, str]], top: int) -> list[int]:
+def size_table(entries: list[Range], guards: list[tuple[str, str]], top: int,
+               serves: list[bool] | None = None) -> list[int]:
     """table[size]: the index of the entry that runs `size`, for 0 to `top`,
     or OUTSIDE_EVERY_ENTRY, or GUARD_FAILS. Built once per compile (8193
     sizes by default, a few milliseconds); a warning names each entry it
-    leaves no size to, since that entry's artifacts can never run."""
+    leaves no size to, since that entry's artifacts can never run. A later
+    trace (section 12) `serves` only the sizes earlier traces refuse: the
+    others are GUARD_FAILS in its table, and its unused entries are dropped."""
     holds = guards_hold(guards)
-    table = [entry_of(size, entries, holds) for size in range(top + 1)]
+    table = [entry_of(size, entries, holds) if serves is None or serves[size] else GUARD_FAILS
+             for size in range(top + 1)]
+    if serves is not None:
+        return table
     for index in sorted(set(range(len(entries))) - set(table)):
         logger.warning("vcompile: no size in compile range %s satisfies the size guards %s; its artifacts will "
                        "never run", entries[index], " and ".join(text for text, _ in guards))
@@ -884,22 +908,30 @@ def size_refused(size: int, why: int, entries: list[Range], guards: list[tuple[s
                  table: list[int]) -> ValueError:
     if why == OUTSIDE_EVERY_ENTRY:
         return outside_every_entry(size, entries)
+    return ValueError(f"vcompile: size {size} fails {failed_guard(size, guards)}; the traced graph holds for "
+                      f"sizes {sizes_in_words([s for s, index in enumerate(table) if index >= 0])} (checked up "
+                      f"to max_num_batched_tokens, {len(table) - 1}), and running it at {size} would be wrong")
+
+
+def failed_guard(size: int, guards: list[tuple[str, str]]) -> str:
     text, where = next((text, where) for text, where in guards if not guards_hold([(text, where)])(size))
-    return ValueError(f"vcompile: size {size} fails the size guard `{text}` that tracing recorded"
-                      + (f" at `{where}`" if where else "") + f"; the traced graph holds for sizes "
-                      + sizes_in_words([s for s, index in enumerate(table) if index >= 0]) + " (checked up to "
-                      f"max_num_batched_tokens, {len(table) - 1}), and running it at {size} would be wrong")
+    return f"the size guard `{text}` that tracing recorded" + (f" at `{where}`" if where else "")
 
 
-def sizes_in_words(sizes: list[int]) -> str:
-    """[1, 2, 3, 7] -> '1 to 3, 7'; long lists keep their first runs and the last."""
+def runs_of(sizes: list[int]) -> list[list[int]]:
+    """[1, 2, 3, 7] -> [[1, 3], [7, 7]]"""
     runs: list[list[int]] = []
     for size in sizes:
         if runs and runs[-1][1] == size - 1:
             runs[-1][1] = size
         else:
             runs.append([size, size])
-    words = [f"{a} to {b}" if a != b else str(a) for a, b in runs]
+    return runs
+
+
+def sizes_in_words(sizes: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1 to 3, 7'; long lists keep their first runs and the last."""
+    words = [f"{a} to {b}" if a != b else str(a) for a, b in runs_of(sizes)]
     if len(words) > 6:
         words = words[:5] + [f"... ({len(sizes)} sizes)", words[-1]]
     return ", ".join(words) or "none"
@@ -1493,10 +1525,10 @@ def load_split_graph(data: bytes) -> fx.GraphModule:
 
 
 def save_aot_artifact(cache: CacheDir, aot_fn, model: torch.nn.Module, installed: dict[str, Any],
-                      device: torch.device, state: dict) -> bool:
+                      device: torch.device, state: dict, trace: int = 0) -> bool:
     """Saves the whole compiled function. False when it cannot be saved so
     that it loads back, ever; the model is marked to run the JIT way."""
-    path = cache.model_path
+    path = cache.trace_path(trace)
     try:
         os.makedirs(cache.rank_dir, exist_ok=True)  # torch writes a temporary file there; the folder may be pruned
         tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.raw"
@@ -1511,6 +1543,11 @@ def save_aot_artifact(cache: CacheDir, aot_fn, model: torch.nn.Module, installed
             "aot": payload,
             "modules": {name: v.__name__ for name, v in installed.items() if inspect.ismodule(v)},
             "vec_isa": picked_vec_isa(device),
+            # Which sizes this trace runs and why the others fail, read
+            # before the next trace is loaded or made (section 12).
+            "size_table": state["size_table"],
+            "size_guards": state["size_guards"],
+            "traced": state["traced"],
         }
         check_loadable(saved, model, installed)
         write_artifact(path, pickle.dumps(saved, protocol=pickle.HIGHEST_PROTOCOL))
@@ -1528,14 +1565,17 @@ def save_aot_artifact(cache: CacheDir, aot_fn, model: torch.nn.Module, installed
     return True
 
 
-def load_aot_artifact(cache: CacheDir, model: torch.nn.Module, device: torch.device, factors: dict):
-    """(torch's loaded function, the vector ISA its kernels were built for),
-    or None: nothing saved for this hash yet, or a file that cannot be used
-    (damaged, foreign, stale), which this start compiles again and replaces."""
-    path = cache.model_path
-    force = os.environ.get("VCOMPILE_FORCE_AOT_LOAD") == "1"
+def load_aot_artifact(cache: CacheDir, model: torch.nn.Module, device: torch.device, factors: dict,
+                      trace: int = 0):
+    """(torch's loaded function, the vector ISA its kernels were built for,
+    what was saved beside it), or None: nothing saved for this hash yet, or a
+    file that cannot be used (damaged, foreign, stale), which this start
+    compiles again and replaces."""
+    path = cache.trace_path(trace)
+    force = os.environ.get("VCOMPILE_FORCE_AOT_LOAD") == "1" and trace == 0
     if not force and not os.path.exists(path):
-        record_cold_start(cache, factors)
+        if trace == 0:
+            record_cold_start(cache, factors)
         return None
     try:
         saved = pickle.loads(read_artifact(path))
@@ -1550,7 +1590,7 @@ def load_aot_artifact(cache: CacheDir, model: torch.nn.Module, device: torch.dev
     counters.num_aot_artifacts_loaded += 1
     logger.info("Loaded the compiled model from %s", path)
     mark_loaded(cache)
-    return aot_fn, saved["vec_isa"]
+    return aot_fn, saved["vec_isa"], saved
 
 
 @contextlib.contextmanager
@@ -1619,9 +1659,13 @@ def check_sources_unchanged(hashes: dict[str, str]) -> None:
 # =============================================================================
 
 
+class ServesNoSize(Exception):
+    """A later trace whose guards hold at none of the sizes it was traced for."""
+
+
 def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConfig,
             is_encoder: bool = False, pieces_dir: str | None = None,
-            shared_dir: str | None = None) -> VcompileFunction:
+            shared_dir: str | None = None, serves: list[bool] | None = None) -> VcompileFunction:
     counters.num_graphs_seen += 1
     taken_before = counters.num_artifacts_from_other_processes
     logger.info("Dynamo bytecode transform time: %.2f s", time.perf_counter() - _compile_started_at)
@@ -1640,7 +1684,14 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
     counters.num_piecewise_graphs_seen += len(pieces)
     compile_names = [name for name, is_splitting in pieces if not is_splitting]
     entries = compile_entries(config, is_encoder)
-    table = size_table(entries, guards, config.max_num_batched_tokens)
+    table = size_table(entries, guards, config.max_num_batched_tokens, serves)
+    if serves is not None:  # a later trace compiles only the entries that run its sizes
+        used = sorted({index for index in table if index >= 0})
+        if not used:
+            raise ServesNoSize(f"its guards ({' and '.join(t for t, _ in guards)}) hold at none of those sizes")
+        entries = [entries[index] for index in used]
+        table = [used.index(index) if index >= 0 else index for index in table]
+        counters.num_extra_traces += 1
     interpreter = PiecewiseCompileInterpreter(split_gm, compile_names, entries)
     interpreter.run(*fakes)
     manager = CompilerManager(pieces_dir, shared_dir, config.compile_wait_s)
@@ -1713,7 +1764,19 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 # on data-dependent expression", in a fraction of a second, as it does in
 # Hugging Face's mask helpers); it is traced backed, as before, its guards
 # kept as the size table of section 6, and one INFO line says where and
-# which sizes that refuses.
+# which sizes they exclude.
+#
+# Sizes the first trace excludes. Stock torch.compile traces again when a
+# guard fails, in the middle of serving; vLLM drops the guard and runs the
+# wrong branch. vcompile traces them up front, in the first call: each run of
+# excluded sizes, in turn, traced backed at a size inside it, compiled for
+# the entries that hold its sizes only, its own guards saying which sizes it
+# runs. Every trace's function is saved in the hash folder (model,
+# model.trace1, ...) with its table; later calls go from the size to the
+# trace with one list index, the model with one trace runs as before. A run
+# whose trace fails as eager fails (torch._check) stays refused, and the cold
+# start records it so that a warm start does not trace it again. JIT mode
+# makes no later traces (its sizes stay refused): a trace there also runs.
 # =============================================================================
 
 
@@ -1761,6 +1824,7 @@ class CompiledModel:
         self.first_run_due = False
         self.preparing: threading.Thread | None = None  # prepare(background=True)
         self.prepare_error: BaseException | None = None
+        self.untraced: list[int] = []  # sizes refused because the model reached max_traces
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad():  # inference: the pieces are compiled without a backward
@@ -1835,15 +1899,112 @@ class CompiledModel:
         with inductor_cache_dir(self.cache):
             if not self.config.use_aot or aot_unavailable(self.cache) is not None:
                 return self._trace(args, kwargs, dims)
-            loaded = load_aot_artifact(self.cache, self.model, self.device, self.factors) if self.cache else None
-            aot_fn, isa = loaded or (self._compile_and_save(args, kwargs, dims), None)
-            if aot_fn is None:  # cannot be saved to load back: this once, compile the JIT way too
+            first = self._load_or_compile(args, kwargs, dims)
+            if first is None:  # cannot be saved to load back: this once, compile the JIT way too
                 return self._trace(args, kwargs, dims)
-            # Guards were filtered out at compile time; skip checking the empty set on every call.
-            aot_fn.disable_guard_check()
-            self.fn = functools.partial(aot_fn, self.model)
-            self.first_run_isa, self.first_run_due = isa, True
+            traces = [first, *self._later_traces(args, kwargs, dims, first)]
+            for trace in traces:  # guards were filtered out at compile time: skip checking the empty set per call
+                trace["fn"].disable_guard_check()
+            self.fn = self._dispatch(traces, dims)
+            self.first_run_isa, self.first_run_due = first["isa"], True
             return self._first_run(args, kwargs) if run else _NOT_RUN
+
+    def _load_or_compile(self, args, kwargs, dims, trace: int = 0, at_size: int | None = None,
+                         serves: list[bool] | None = None) -> dict | None:
+        """One trace's AOT function, loaded or compiled and saved, with its
+        size table and guards; None when it cannot be saved to load back."""
+        loaded = load_aot_artifact(self.cache, self.model, self.device, self.factors, trace) if self.cache else None
+        if loaded is not None:
+            aot_fn, isa, saved = loaded
+            # None: saved before vcompile made later traces; it runs what it ran then.
+            return {"fn": aot_fn, "isa": isa, "table": saved.get("size_table"), "guards": saved.get("size_guards"),
+                    "traced": saved.get("traced"), "loaded": True}
+        aot_fn = self._compile_and_save(args, kwargs, dims, trace, at_size, serves)
+        if aot_fn is None:
+            return None
+        state = self.compiled_fn.state
+        return {"fn": aot_fn, "isa": None, "table": state["size_table"], "guards": state["size_guards"],
+                "traced": state["traced"], "loaded": False}
+
+    def _later_traces(self, args, kwargs, dims, first: dict) -> list[dict]:
+        """Traces of their own for the sizes the first trace's guards exclude,
+        loaded or compiled, one run of excluded sizes at a time."""
+        # An unbacked trace has no guard to exclude a size with, only the
+        # model's own checks (torch._check), which eager fails there too.
+        if first["table"] is None or first["traced"] == "unbacked":
+            return []
+        compiled_fn, traces = self.compiled_fn, []
+        # Sizes where a trace failed as eager fails, found by a cold start:
+        # a warm start does not trace them again.
+        given_up = set(recorded_factors(self.cache).get("untraceable", [])) if first["loaded"] else set()
+        while True:
+            tables = [first["table"], *(t["table"] for t in traces)]
+            serves = [size not in given_up and all(table[size] == GUARD_FAILS for table in tables)
+                      for size in range(len(first["table"]))]
+            runs = runs_of([size for size, open_ in enumerate(serves) if open_])
+            if not runs:
+                break
+            start, end = runs[0]
+            why = (f"size {start} fails" if start == end else f"sizes {start} to {end} fail") + \
+                f" {failed_guard(start, first['guards'])}"
+            if 1 + len(traces) == self.config.max_traces:
+                self.untraced = [size for size, open_ in enumerate(serves) if open_]
+                logger.warning("vcompile: %s; a trace of their own would pass CompilationConfig.max_traces=%d: "
+                               "sizes %s stay refused", why, self.config.max_traces, sizes_in_words(self.untraced))
+                break
+            # One size alone is traced at that size; a wider run at a size in
+            # it other than 1, where a backed trace would decide every layout
+            # question for size 1 alone (see trace_inputs).
+            at = start if start == end else max(start, 2)
+            try:
+                trace = self._load_or_compile(args, kwargs, dims, 1 + len(traces), at, serves)
+                if trace is None:
+                    raise RuntimeError("its compiled function cannot be saved to load back")
+            except Exception as e:  # as eager would (torch._check), or another failure: refused, not fatal
+                logger.info("vcompile: %s; traced at %d they fail too, and stay refused: %s", why, at, describe(e))
+                given_up.update(range(start, end + 1))
+                continue
+            traces.append(trace)
+            if not trace["loaded"]:
+                ran = [size for size, index in enumerate(trace["table"]) if index >= 0]
+                logger.info("vcompile: %s: traced separately at %d, which runs sizes %s", why, at, sizes_in_words(ran))
+        self.compiled_fn = compiled_fn  # the first trace's, as with one trace
+        if self.cache is not None and self.cache.writable and not (first["loaded"] and all(t["loaded"] for t in traces)):
+            record_trace(self.cache, untraceable=sorted(given_up), trace_sizes=[
+                sizes_in_words([size for size, index in enumerate(t["table"]) if index >= 0]) for t in [first, *traces]])
+        return traces
+
+    def _dispatch(self, traces: list[dict], dims: dict[str, int]) -> Callable:
+        """The function later calls run. With one trace, its AOT function. With
+        several, a table from the size to the trace that runs it: one more
+        list index per call, then the trace's own (section 6)."""
+        fns = [functools.partial(trace["fn"], self.model) for trace in traces]
+        if len(fns) == 1 and not self.untraced:
+            return fns[0]
+        first = traces[0]["table"]
+        # Sizes no trace runs: -1 where a guard fails (refused below), the
+        # first trace where no entry holds them (it refuses them itself).
+        trace_of = [next((i for i, t in enumerate(traces) if t["table"][size] >= 0),
+                         0 if first[size] == OUTSIDE_EVERY_ENTRY else -1) for size in range(len(first))]
+        name, dim = next(iter(dims.items()))
+        position = list(self.__signature__.parameters).index(name)
+
+        def run(*args, **kwargs):
+            size = (args[position] if position < len(args) else kwargs[name]).shape[dim]
+            trace = trace_of[size] if size < len(trace_of) else 0
+            if trace < 0:
+                raise self._refused(size, traces)
+            return fns[trace](*args, **kwargs)
+
+        return run
+
+    def _refused(self, size: int, traces: list[dict]) -> ValueError:
+        runs = [0 if any(t["table"][s] >= 0 for t in traces) else GUARD_FAILS for s in range(len(traces[0]["table"]))]
+        error = size_refused(size, GUARD_FAILS, [], traces[0]["guards"], runs)
+        if size in self.untraced:
+            error.args = (error.args[0] + f"; it has no trace of its own: a model gets at most "
+                          f"CompilationConfig.max_traces={self.config.max_traces} traces, raise it to trace it",)
+        return error
 
     def _bind_first_call(self, args, kwargs) -> dict[str, int]:
         """Checks the first call's inputs, records what later calls must
@@ -1867,24 +2028,27 @@ class CompiledModel:
         self.cache = open_cache_dir(self.factors, self.config)
         return dims
 
-    def _compile_and_save(self, args, kwargs, dims):
+    def _compile_and_save(self, args, kwargs, dims, trace: int = 0, at_size: int | None = None,
+                          serves: list[bool] | None = None):
         """The AOT function, traced once and saved; None when it cannot be
-        saved so that it loads back (section 13)."""
+        saved so that it loads back (section 13). A later trace is traced
+        backed at `at_size` and compiled for the sizes it `serves`."""
         module_globals = set(self.model.forward.__globals__)
 
         def aot_compile(unbacked: bool):
             global _compile_started_at
-            compiled = self._torch_compile(pieces_dir=None)
+            compiled = self._torch_compile(pieces_dir=None, serves=serves)
             self.compiled_fn = None  # set by the backend: then any failure is torch's, wrapping its result
-            trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config, unbacked)
+            trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config, unbacked,
+                                                    at_size)
             _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here
             with _tracing_patches():
                 return compiled.aot_compile(((self.model, *trace_args), trace_kwargs))
 
         try:
-            aot_fn = self._unbacked_else_backed(aot_compile)
+            aot_fn = self._unbacked_else_backed(aot_compile) if trace == 0 else aot_compile(unbacked=False)
         except Exception as e:
-            if self.compiled_fn is None:  # the model itself failed to trace or compile
+            if self.compiled_fn is None or trace > 0:  # the model itself failed to trace or compile
                 raise
             # The backend finished; torch failed to wrap its result for saving.
             mark_aot_unavailable(self.cache, self.model, None, describe(e))
@@ -1892,9 +2056,11 @@ class CompiledModel:
         counters.num_aot_compiles += 1
         if self.cache is None or not self.cache.writable:
             return aot_fn
-        record_trace(self.cache, self.compiled_fn.state["traced"])
+        if trace == 0:
+            record_trace(self.cache, traced=self.compiled_fn.state["traced"])
         installed = installed_globals(aot_fn, module_globals)
-        saved = save_aot_artifact(self.cache, aot_fn, self.model, installed, self.device, self.compiled_fn.state)
+        saved = save_aot_artifact(self.cache, aot_fn, self.model, installed, self.device, self.compiled_fn.state,
+                                  trace)
         return aot_fn if saved else None
 
     def _trace(self, args, kwargs, dims):
@@ -1920,7 +2086,7 @@ class CompiledModel:
 
         self.fn, out = self._unbacked_else_backed(trace_and_run)
         if self.cache is not None and self.cache.writable and not warm:
-            record_trace(self.cache, self.compiled_fn.state["traced"])
+            record_trace(self.cache, traced=self.compiled_fn.state["traced"])
         if warm:
             mark_loaded(self.cache)
         return out
@@ -1938,10 +2104,11 @@ class CompiledModel:
         table = self.compiled_fn.state["size_table"]
         refused = [size for size, index in enumerate(table) if index == GUARD_FAILS]
         logger.info("vcompile: the token count cannot be traced unbacked: the model decides %s; traced backed, "
-                    "%s", decided, f"which refuses sizes {sizes_in_words(refused)}" if refused else "every size runs")
+                    "%s", decided, f"its guards exclude sizes {sizes_in_words(refused)}" if refused else
+                    "every size runs")
         return result
 
-    def _torch_compile(self, pieces_dir: str | None):
+    def _torch_compile(self, pieces_dir: str | None, serves: list[bool] | None = None):
         # The forward as a plain function, called with the model first, as a
         # saved function is. Compiled as a bound method, a forward torch
         # itself defines (nn.Sequential's) is wrapped by Dynamo in a closure
@@ -1952,15 +2119,15 @@ class CompiledModel:
         with torch._dynamo.config.patch(enable_aot_compile=True):
             return torch.compile(
                 type(self.model).forward, fullgraph=True, dynamic=False,
-                backend=functools.partial(self._backend, pieces_dir=pieces_dir),
+                backend=functools.partial(self._backend, pieces_dir=pieces_dir, serves=serves),
                 # The graph is traced once and never re-checked: guards would only
                 # cost time per call, and a failed one would mean a recompile.
                 options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
-    def _backend(self, gm, example_inputs, pieces_dir=None):
+    def _backend(self, gm, example_inputs, pieces_dir=None, serves=None):
         shared_dir = self.cache.shared_dir if self.cache is not None and self.cache.writable else None
         self.compiled_fn = backend(gm, example_inputs, config=self.config, is_encoder=self.is_encoder,
-                                   pieces_dir=pieces_dir, shared_dir=shared_dir)
+                                   pieces_dir=pieces_dir, shared_dir=shared_dir, serves=serves)
         return self.compiled_fn
 
     def _bind(self, args, kwargs) -> dict[str, Any]:
@@ -1989,7 +2156,7 @@ class CompiledModel:
 
 
 def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int],
-                 config: CompilationConfig, unbacked: bool) -> tuple[tuple, dict]:
+                 config: CompilationConfig, unbacked: bool, at_size: int | None = None) -> tuple[tuple, dict]:
     """The inputs Dynamo traces: the first call's, each token dim marked
     unbacked, or for a backed trace marked dynamic.
 
@@ -2007,17 +2174,26 @@ def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int
     the size guards kept it would refuse every size but 1. So a backed trace
     of a one-token call runs at two tokens, its tensors repeated along the
     token dim. An unbacked trace decides nothing at the size it sees.
+
+    A later trace (section 12) is traced at `at_size`: the first call's
+    tensors repeated along the token dim and cut to that size.
     """
     # Each input stays where the call put it: the code Dynamo writes for a
     # forward taking (*args, **kwargs), as Hugging Face's wrappers do, reads
     # them from there, and a keyword traced as a position fails at the next call.
-    repeat = not unbacked and traced_at_two(signature, args, kwargs, dims, config)
+    repeat = at_size is None and not unbacked and traced_at_two(signature, args, kwargs, dims, config)
     args, kwargs, names = list(args), dict(kwargs), list(signature.parameters)
     for name, dim in dims.items():
         position = names.index(name)
         value = args[position] if position < len(args) else kwargs[name]
         dim %= value.dim()
-        value = value.repeat(*[2 if d == dim else 1 for d in range(value.dim())]) if repeat else value.detach()
+        if at_size is not None:
+            times = -(-at_size // value.shape[dim])
+            value = value.repeat(*[times if d == dim else 1 for d in range(value.dim())]).narrow(dim, 0, at_size).clone()
+        elif repeat:
+            value = value.repeat(*[2 if d == dim else 1 for d in range(value.dim())])
+        else:
+            value = value.detach()
         if position < len(args):
             args[position] = value
         else:
@@ -2224,11 +2400,12 @@ def cache_listing(root: str) -> list[dict]:
             "model": factors.get("model"),
             "vcompile": factors.get("vcompile_version"),  # None: written before 0.2.0
             "traced": factors.get("traced"),  # "unbacked" or "backed" (section 12); None: not yet, or before 0.2.0
+            "trace_sizes": factors.get("trace_sizes"),  # the sizes each trace runs, where there are several
             "torch": (factors.get("torch") or [None])[0],
             "device": factors.get("device"),
             "compile_entries": factors.get("compile_entries"),
-            "artifacts": sorted(os.path.join(d, "model") for d in rank_dirs
-                                if os.path.isfile(os.path.join(folder, d, "model"))),
+            "artifacts": sorted(os.path.join(d, file) for d in rank_dirs for file in os.listdir(os.path.join(folder, d))
+                                if re.fullmatch(r"model(\.trace\d+)?", file)),
             "bytes": sum(stat.st_size for _, stat in files),
             "last_loaded": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loaded)) if loaded else None,
             # What pruning goes by: the last load, else when the folder was last written.
@@ -2319,6 +2496,8 @@ def print_listing(root: str, rows: list[dict]) -> None:
             if row["traced"] is not None:
                 print("    traced: " + {"unbacked": "unbacked, no guard on the token count",
                                         "backed": "backed, its guards on the token count kept"}[row["traced"]])
+            for i, sizes in enumerate(row["trace_sizes"] or []):
+                print(f"    trace {i + 1} runs sizes {sizes}")
         print(f"    warm start from: {', '.join(row['artifacts']) or 'no AOT artifact'}")
 
 
