@@ -1348,9 +1348,10 @@ def test_sizes_the_first_trace_excludes_get_traces_of_their_own_cold_and_warm(de
     assert re.fullmatch(rf"INFO vcompile: sizes 1 to 3 fail the size guard `size >= 4` that tracing recorded at {where}: "
                         r"traced separately at 2, which runs sizes 1 to 3", separately), separately
     # torch._check(x.shape[0] <= 42) traced backed at 43 fails as eager fails: said once, cold; not traced warm.
-    [failed] = [line for line in cold["models"]["checked branches"]["logs"] if "fail too" in line]
+    [failed] = [line for line in cold["models"]["checked branches"]["logs"] if "stay refused" in line]
     assert failed.startswith("INFO vcompile: sizes 43 to 64 fail the size guard `size <= 42`")
-    assert not [line for line in warm["models"]["checked branches"]["logs"] if "fail too" in line]
+    assert "a trace of their own at 43 failed, so they stay refused" in failed
+    assert not [line for line in warm["models"]["checked branches"]["logs"] if "stay refused" in line]
     for start in (cold, warm):
         for name, result in start["models"].items():
             assert sorted(map(int, result["errors"])) == list(GUARDED[name][4]), name

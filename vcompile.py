@@ -1961,7 +1961,8 @@ class CompiledModel:
                 if trace is None:
                     raise RuntimeError("its compiled function cannot be saved to load back")
             except Exception as e:  # as eager would (torch._check), or another failure: refused, not fatal
-                logger.info("vcompile: %s; traced at %d they fail too, and stay refused: %s", why, at, describe(e))
+                logger.info("vcompile: %s; a trace of their own at %d failed, so they stay refused: %s", why, at,
+                            describe(e))
                 given_up.update(range(start, end + 1))
                 continue
             traces.append(trace)
@@ -1969,7 +1970,8 @@ class CompiledModel:
                 ran = [size for size, index in enumerate(trace["table"]) if index >= 0]
                 logger.info("vcompile: %s: traced separately at %d, which runs sizes %s", why, at, sizes_in_words(ran))
         self.compiled_fn = compiled_fn  # the first trace's, as with one trace
-        if self.cache is not None and self.cache.writable and not (first["loaded"] and all(t["loaded"] for t in traces)):
+        made = (traces or given_up) and not (first["loaded"] and all(t["loaded"] for t in traces))
+        if made and self.cache is not None and self.cache.writable:
             record_trace(self.cache, untraceable=sorted(given_up), trace_sizes=[
                 sizes_in_words([size for size, index in enumerate(t["table"]) if index >= 0]) for t in [first, *traces]])
         return traces
@@ -1999,8 +2001,8 @@ class CompiledModel:
         return run
 
     def _refused(self, size: int, traces: list[dict]) -> ValueError:
-        runs = [0 if any(t["table"][s] >= 0 for t in traces) else GUARD_FAILS for s in range(len(traces[0]["table"]))]
-        error = size_refused(size, GUARD_FAILS, [], traces[0]["guards"], runs)
+        served = [0 if any(t["table"][s] >= 0 for t in traces) else GUARD_FAILS for s in range(len(traces[0]["table"]))]
+        error = size_refused(size, GUARD_FAILS, [], traces[0]["guards"], served)
         if size in self.untraced:
             error.args = (error.args[0] + f"; it has no trace of its own: a model gets at most "
                           f"CompilationConfig.max_traces={self.config.max_traces} traces, raise it to trace it",)
