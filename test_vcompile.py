@@ -1368,6 +1368,16 @@ def test_sizes_the_first_trace_excludes_get_traces_of_their_own_cold_and_warm(de
     assert sorted(listing["test_vcompile.EvenOnly"]["artifacts"]) == ["rank_0_0/model", "rank_0_0/model.trace1"]
 
 
+def test_jit_mode_traces_the_sizes_the_first_trace_excludes_too():
+    model = Branches()
+    fn = vcompile.compile(model, CompilationConfig(disable_cache=True, use_aot=False, **GUARD_CONFIG))
+    with counters.expect(num_backed_traces=2, num_extra_traces=1, num_aot_artifacts_saved=0):
+        fn(torch.arange(4, dtype=torch.float32))
+    for size in range(1, 65):
+        x = torch.arange(size, dtype=torch.float32)
+        assert torch.equal(fn(x), model(x)), size
+
+
 @pytest.mark.core
 def test_a_model_past_max_traces_is_refused_at_the_sizes_left_with_the_bound_named(caplog):
     caplog.set_level(logging.WARNING, logger="vcompile")

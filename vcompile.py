@@ -1776,7 +1776,7 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 # trace with one list index, the model with one trace runs as before. A run
 # whose trace fails as eager fails (torch._check) stays refused, and the cold
 # start records it so that a warm start does not trace it again. JIT mode
-# makes no later traces (its sizes stay refused): a trace there also runs.
+# makes its later traces at every start, as it makes its first.
 # =============================================================================
 
 
@@ -1902,10 +1902,8 @@ class CompiledModel:
             first = self._load_or_compile(args, kwargs, dims)
             if first is None:  # cannot be saved to load back: this once, compile the JIT way too
                 return self._trace(args, kwargs, dims)
-            traces = [first, *self._later_traces(args, kwargs, dims, first)]
-            for trace in traces:  # guards were filtered out at compile time: skip checking the empty set per call
-                trace["fn"].disable_guard_check()
-            self.fn = self._dispatch(traces, dims)
+            later = self._later_traces(first, lambda *trace: self._load_or_compile(args, kwargs, dims, *trace))
+            self.fn = self._dispatch([first, *later], dims)
             self.first_run_isa, self.first_run_due = first["isa"], True
             return self._first_run(args, kwargs) if run else _NOT_RUN
 
@@ -1916,19 +1914,14 @@ class CompiledModel:
         loaded = load_aot_artifact(self.cache, self.model, self.device, self.factors, trace) if self.cache else None
         if loaded is not None:
             aot_fn, isa, saved = loaded
-            # None: saved before vcompile made later traces; it runs what it ran then.
-            return {"fn": aot_fn, "isa": isa, "table": saved.get("size_table"), "guards": saved.get("size_guards"),
-                    "traced": saved.get("traced"), "loaded": True}
+            return aot_trace(aot_fn, saved, loaded=True, isa=isa)
         aot_fn = self._compile_and_save(args, kwargs, dims, trace, at_size, serves)
-        if aot_fn is None:
-            return None
-        state = self.compiled_fn.state
-        return {"fn": aot_fn, "isa": None, "table": state["size_table"], "guards": state["size_guards"],
-                "traced": state["traced"], "loaded": False}
+        return aot_trace(aot_fn, self.compiled_fn.state, loaded=False) if aot_fn is not None else None
 
-    def _later_traces(self, args, kwargs, dims, first: dict) -> list[dict]:
+    def _later_traces(self, first: dict, make: Callable[[int, int, list[bool]], dict | None]) -> list[dict]:
         """Traces of their own for the sizes the first trace's guards exclude,
-        loaded or compiled, one run of excluded sizes at a time."""
+        one run of excluded sizes at a time: make(index, size to trace at,
+        sizes it serves) loads or compiles one."""
         # An unbacked trace has no guard to exclude a size with, only the
         # model's own checks (torch._check), which eager fails there too.
         if first["table"] is None or first["traced"] == "unbacked":
@@ -1957,7 +1950,7 @@ class CompiledModel:
             # question for size 1 alone (see trace_inputs).
             at = start if start == end else max(start, 2)
             try:
-                trace = self._load_or_compile(args, kwargs, dims, 1 + len(traces), at, serves)
+                trace = make(1 + len(traces), at, serves)
                 if trace is None:
                     raise RuntimeError("its compiled function cannot be saved to load back")
             except Exception as e:  # as eager would (torch._check), or another failure: refused, not fatal
@@ -2031,15 +2024,16 @@ class CompiledModel:
         return dims
 
     def _compile_and_save(self, args, kwargs, dims, trace: int = 0, at_size: int | None = None,
-                          serves: list[bool] | None = None):
+                          serves: list[bool] | None = None, pieces_dir: str | None = None):
         """The AOT function, traced once and saved; None when it cannot be
         saved so that it loads back (section 13). A later trace is traced
-        backed at `at_size` and compiled for the sizes it `serves`."""
+        backed at `at_size` and compiled for the sizes it `serves`. JIT
+        mode's later traces pass its `pieces_dir` and save no function."""
         module_globals = set(self.model.forward.__globals__)
 
         def aot_compile(unbacked: bool):
             global _compile_started_at
-            compiled = self._torch_compile(pieces_dir=None, serves=serves)
+            compiled = self._torch_compile(pieces_dir=pieces_dir, serves=serves)
             self.compiled_fn = None  # set by the backend: then any failure is torch's, wrapping its result
             trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config, unbacked,
                                                     at_size)
@@ -2056,7 +2050,7 @@ class CompiledModel:
             mark_aot_unavailable(self.cache, self.model, None, describe(e))
             return None
         counters.num_aot_compiles += 1
-        if self.cache is None or not self.cache.writable:
+        if self.cache is None or not self.cache.writable or pieces_dir is not None:
             return aot_fn
         if trace == 0:
             record_trace(self.cache, traced=self.compiled_fn.state["traced"])
@@ -2072,9 +2066,11 @@ class CompiledModel:
         if not self.config.use_aot and self.cache is not None and not warm:
             record_cold_start(self.cache, self.factors)
 
+        pieces_dir = self.cache.pieces_dir if self.cache is not None else None
+
         def trace_and_run(unbacked: bool):
             global _compile_started_at
-            compiled = self._torch_compile(pieces_dir=self.cache.pieces_dir if self.cache is not None else None)
+            compiled = self._torch_compile(pieces_dir=pieces_dir)
             trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config, unbacked)
             _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here, after any AOT attempt
             with _tracing_patches():
@@ -2082,16 +2078,27 @@ class CompiledModel:
                 # the call runs: in JIT mode they cannot be separated.
                 out = compiled(self.model, *trace_args, **trace_kwargs)
             # A one-token call traced at two runs again as itself (its size may fail a guard).
-            rerun = not unbacked and traced_at_two(self.__signature__, args, kwargs, dims, self.config)
-            fn = functools.partial(compiled, self.model)
-            return fn, fn(*args, **kwargs) if rerun else out
+            return compiled, out, not unbacked and traced_at_two(self.__signature__, args, kwargs, dims, self.config)
 
-        self.fn, out = self._unbacked_else_backed(trace_and_run)
+        compiled, out, rerun = self._unbacked_else_backed(trace_and_run)
+        state = self.compiled_fn.state
+        first = {"fn": compiled, "table": state["size_table"], "guards": state["size_guards"],
+                 "traced": state["traced"], "loaded": False}
+        # Later traces go through the AOT entry point, which traces without
+        # running the model: a run at a made-up size would write a key/value
+        # cache. Kept in memory; their pieces are saved and loaded as above.
+        later = self._later_traces(first, lambda trace, at, serves: self._jit_later_trace(
+            args, kwargs, dims, trace, at, serves, pieces_dir))
+        self.fn = self._dispatch([first, *later], dims)
         if self.cache is not None and self.cache.writable and not warm:
-            record_trace(self.cache, traced=self.compiled_fn.state["traced"])
+            record_trace(self.cache, traced=state["traced"])
         if warm:
             mark_loaded(self.cache)
-        return out
+        return self.fn(*args, **kwargs) if rerun else out
+
+    def _jit_later_trace(self, args, kwargs, dims, trace, at_size, serves, pieces_dir) -> dict:
+        aot_fn = self._compile_and_save(args, kwargs, dims, trace, at_size, serves, pieces_dir)
+        return aot_trace(aot_fn, self.compiled_fn.state, loaded=False)
 
     def _unbacked_else_backed(self, trace: Callable[[bool], Any]):
         """trace(unbacked=True), or, where the model decides something on the
@@ -2155,6 +2162,15 @@ class CompiledModel:
                 got = repr(value) if type(value) in _CONSTANT_TYPES else f"a {type(value).__name__}"
                 raise ValueError(f"vcompile: argument '{name}' was compiled as {traced!r}; got {got} "
                                  "(non-tensor arguments are constants of the traced graph)")
+
+
+def aot_trace(aot_fn, saved: dict, loaded: bool, isa: dict | None = None) -> dict:
+    """One trace of the model: its AOT function, and the size table, guards
+    and kind of trace that it was saved with (None: saved before vcompile
+    made later traces; it runs the sizes it ran then)."""
+    aot_fn.disable_guard_check()  # guards were filtered out at compile time: skip checking the empty set per call
+    return {"fn": aot_fn, "isa": isa, "table": saved.get("size_table"), "guards": saved.get("size_guards"),
+            "traced": saved.get("traced"), "loaded": loaded}
 
 
 def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int],
