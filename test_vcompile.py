@@ -1256,6 +1256,16 @@ class CheckedBranches(torch.nn.Module):
         return x * 100
 
 
+class EvenCheckedBranches(torch.nn.Module):
+    """Even sizes only, as eager checks, and a branch."""
+
+    def forward(self, x):
+        torch._check(x.shape[0] % 2 == 0)
+        if x.shape[0] >= 4:
+            return x * 2
+        return x * 100
+
+
 # model, first call's size, the guard in words, how the token count is traced,
 # the sizes eager runs (to 64), how many traces it takes
 GUARDED = {"branches": (Branches, 4, "size >= 4", "backed", range(1, 65), 2),
@@ -1263,7 +1273,8 @@ GUARDED = {"branches": (Branches, 4, "size >= 4", "backed", range(1, 65), 2),
            "branches at 1": (Branches, 1, "size < 4", "backed", range(1, 65), 2),
            "checked": (Checked, 5, "size <= 42", "unbacked", range(1, 43), 1),
            "even": (EvenOnly, 6, "(size % 2) == 0", "backed", range(1, 65), 2),
-           "checked branches": (CheckedBranches, 5, "size <= 42", "backed", range(1, 43), 2)}
+           "checked branches": (CheckedBranches, 5, "size <= 42", "backed", range(1, 43), 2),
+           "even checked branches": (EvenCheckedBranches, 6, "(size % 2) == 0", "backed", range(2, 65, 2), 2)}
 GUARD_CONFIG = dict(compile_ranges_endpoints=[8], max_num_batched_tokens=64)
 
 
@@ -1350,14 +1361,18 @@ def test_sizes_the_first_trace_excludes_get_traces_of_their_own_cold_and_warm(de
     # torch._check(x.shape[0] <= 42) traced backed at 43 fails as eager fails: said once, cold; not traced warm.
     [failed] = [line for line in cold["models"]["checked branches"]["logs"] if "stay refused" in line]
     assert failed.startswith("INFO vcompile: sizes 43 to 64 fail the size guard `size <= 42`")
-    assert "a trace of their own at 43 failed, so they stay refused" in failed
+    assert failed.endswith("): sizes 43 to 64, which fail that guard, stay refused")
+    assert "a trace of their own at 43 failed (" in failed
     assert not [line for line in warm["models"]["checked branches"]["logs"] if "stay refused" in line]
+    # One failed trace gives up every size that fails its guard: here every odd size.
+    [failed] = [line for line in cold["models"]["even checked branches"]["logs"] if "stay refused" in line]
+    assert failed.endswith("): sizes 1, 3, 5, 7, 9, ... (32 sizes), 63, which fail that guard, stay refused")
     for start in (cold, warm):
         for name, result in start["models"].items():
             assert sorted(map(int, result["errors"])) == list(GUARDED[name][4]), name
             assert max(result["errors"].values()) == 0.0, name  # the branch eager takes at every size
             for size, message in result["refused"].items():
-                expected = "outside every compile range" if size == "65" else "fails the size guard `size <= 42`"
+                expected = "outside every compile range" if size == "65" else f"fails the size guard `{GUARDED[name][2]}`"
                 assert f"vcompile: size {size} " in message and expected in message, (name, size, message)
             assert result["unchanged"], name  # nothing traced or compiled after the first call; a refusal wrote nothing
     assert "holds for sizes 1 to 42" in warm["models"]["checked"]["refused"]["43"]

@@ -1938,8 +1938,8 @@ class CompiledModel:
             if not runs:
                 break
             start, end = runs[0]
-            why = (f"size {start} fails" if start == end else f"sizes {start} to {end} fail") + \
-                f" {failed_guard(start, first['guards'])}"
+            guard = failed_guard(start, first["guards"])
+            why = (f"size {start} fails" if start == end else f"sizes {start} to {end} fail") + f" {guard}"
             if 1 + len(traces) == self.config.max_traces:
                 self.untraced = [size for size, open_ in enumerate(serves) if open_]
                 logger.warning("vcompile: %s; a trace of their own would pass CompilationConfig.max_traces=%d: "
@@ -1954,9 +1954,13 @@ class CompiledModel:
                 if trace is None:
                     raise RuntimeError("its compiled function cannot be saved to load back")
             except Exception as e:  # as eager would (torch._check), or another failure: refused, not fatal
-                logger.info("vcompile: %s; a trace of their own at %d failed, so they stay refused: %s", why, at,
-                            describe(e))
-                given_up.update(range(start, end + 1))
+                # Every size that fails the same guard is given up with this
+                # run: `torch._check(x.shape[0] % 2 == 0)` would otherwise cost
+                # a failed trace per odd size.
+                same = [size for size, open_ in enumerate(serves) if open_ and failed_guard(size, first["guards"]) == guard]
+                given_up.update(same)
+                logger.info("vcompile: %s; a trace of their own at %d failed (%s): sizes %s, which fail that guard, "
+                            "stay refused", why, at, describe(e), sizes_in_words(same))
                 continue
             traces.append(trace)
             if not trace["loaded"]:
