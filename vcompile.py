@@ -487,24 +487,26 @@ def record_cold_start(cache: CacheDir, factors: dict) -> None:
         logger.debug("vcompile: cannot explain or record this cache miss: %s", describe(e))
 
 
-def record_trace(cache: CacheDir, **fields) -> None:
-    """After a cold start's trace, for the listing: how it was traced
-    ("unbacked" or "backed"), and, with several traces, the sizes each runs."""
-    path = os.path.join(cache.hash_dir, FACTORS_FILE)
-    try:
-        with open(path) as f:
-            recorded = json.load(f)
-        write_atomically(path, json.dumps({**recorded, **fields}, indent=1).encode())
-    except Exception as e:  # as above
-        logger.debug("vcompile: cannot record how %s was traced: %s", cache.hash_dir, describe(e))
-
-
 def recorded_factors(cache: CacheDir) -> dict:
     try:
         with open(os.path.join(cache.hash_dir, FACTORS_FILE)) as f:
             return json.load(f)
     except (OSError, ValueError):  # none yet, or a folder from before 0.2.0
         return {}
+
+
+def record_trace(cache: CacheDir, **fields) -> None:
+    """After a cold start's trace, for the listing: how it was traced
+    ("unbacked" or "backed"), and, with several traces, the sizes each runs."""
+    recorded = recorded_factors(cache)
+    if not recorded:
+        logger.debug("vcompile: no factors file in %s to record how it was traced", cache.hash_dir)
+        return
+    try:
+        write_atomically(os.path.join(cache.hash_dir, FACTORS_FILE),
+                         json.dumps({**recorded, **fields}, indent=1).encode())
+    except Exception as e:  # as above
+        logger.debug("vcompile: cannot record how %s was traced: %s", cache.hash_dir, describe(e))
 
 
 def mark_loaded(cache: CacheDir) -> None:
