@@ -641,10 +641,12 @@ def test_copied_hash_folder_starts_warm_and_writes_nowhere_else(device, cold_cac
 def test_a_cache_root_with_a_space_compiles_and_starts_warm(device, tmp_path):
     # As on macOS (~/Library/Application Support): Inductor's CPU builder puts
     # the nested folder on g++'s command line unquoted. Not seeded: g++ must run.
+    # The cold start names the root relative to its working folder (the
+    # repository), as a user's config may: the link to it must not dangle.
     root = tmp_path / "Application Support" / "vcompile"
-    small = dict(root=str(root), device=device, layers=1, config_kwargs={"compile_sizes": []})  # fewer kernels
-    cold = run_child("child_decoder", **small)
-    warm = run_child("child_decoder", **small)
+    small = dict(device=device, layers=1, config_kwargs={"compile_sizes": []})  # fewer kernels
+    cold = run_child("child_decoder", root=os.path.relpath(root, REPO), **small)
+    warm = run_child("child_decoder", root=str(root), **small)
     assert_counters(cold, num_aot_compiles=1, num_aot_artifacts_saved=1)
     assert_counters(warm, **WARM)
     for result in (cold, warm):
@@ -928,8 +930,11 @@ def test_a_read_only_root_with_this_models_cache_starts_warm_and_writes_nothing(
     env = {"TORCHINDUCTOR_CACHE_DIR": None, "TRITON_CACHE_DIR": None, "HOME": fresh["home"]}
     # Twice each, in turn: what the other tests run at the same time on these
     # cores slows one child or another, and the faster of two is the start's own time.
-    runs = [run_child("child_decoder", root=str(root), device=device, env={**env, "TMPDIR": fresh[tmp]},
-                      read_only=str(shipped) if root == shipped else None)
+    # The shipped root is named relative to the child's working folder (the
+    # repository): the view's links into it must not dangle.
+    relative = os.path.relpath(shipped, REPO)
+    runs = [run_child("child_decoder", root=relative if root == shipped else str(root), device=device,
+                      env={**env, "TMPDIR": fresh[tmp]}, read_only=str(shipped) if root == shipped else None)
             for _ in range(2) for root, tmp in ((writable, "tmp-rw"), (shipped, "tmp-ro"))]
     rw, ro = min(runs[0::2], key=lambda r: r["first_call_s"]), min(runs[1::2], key=lambda r: r["first_call_s"])
     for result in runs:
@@ -938,7 +943,7 @@ def test_a_read_only_root_with_this_models_cache_starts_warm_and_writes_nothing(
         assert builds(result) == []  # every kernel came from the shipped folder: no compiler ran
     assert not [line for line in ro["logs"] if line.startswith("WARNING")], ro["logs"]
     said = [line for line in ro["logs"] if "read-only" in line]
-    assert len(said) == 1 and said[0].startswith(f"INFO vcompile: the compile cache under {shipped} is read-only")
+    assert len(said) == 1 and said[0].startswith(f"INFO vcompile: the compile cache under {relative} is read-only")
     assert said[0].endswith("loading from it and writing nothing there")
     assert snapshot(shipped) == before
     # Measured in this one run; the issue it fixes made the read-only start 25x

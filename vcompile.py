@@ -376,7 +376,10 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
     if config.disable_cache or os.environ.get("VCOMPILE_DISABLE_CACHE") == "1":
         return None
     root = cache_root(config)
-    hash_dir = os.path.join(root, "torch_aot_compile", cache_hash(factors))
+    # Absolute: the read-only view and the command-line link (section 4) are
+    # symlinks in the temp folder, and a relative target there dangles, so a
+    # relative root that is read-only or holds a space stopped the model.
+    hash_dir = os.path.join(os.path.abspath(root), "torch_aot_compile", cache_hash(factors))
     rank, dp_rank = distributed_ranks()
     cache = CacheDir(hash_dir, os.path.join(hash_dir, f"rank_{rank}_{dp_rank}"), writable=True)
     why = None if config.trust_cache else untrusted(cache)
