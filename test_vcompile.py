@@ -14,6 +14,7 @@ import ast
 import builtins
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import inspect
@@ -101,7 +102,7 @@ def messages(caplog) -> list[str]:
 
 
 def start_child(function: str, env: dict | None = None, read_only: str | None = None, known_isa: bool = True,
-                **kwargs) -> subprocess.Popen:
+                full_disk: str | None = None, **kwargs) -> subprocess.Popen:
     """Starts test_vcompile.<function>(**kwargs) in a fresh Python process;
     with read_only, a folder the child cannot write (see bench.read_only);
     with known_isa, Inductor's vector-ISA checks answered as in this session's
@@ -114,6 +115,8 @@ def start_child(function: str, env: dict | None = None, read_only: str | None = 
     argv = [sys.executable, "-c", code, json.dumps(kwargs)]
     if read_only is not None:
         argv, child_env = bench.read_only(read_only, argv, child_env)
+    if full_disk is not None:  # a file system of 64 KiB mounted there, that only the child sees
+        argv = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"', full_disk, *argv]
     return subprocess.Popen(argv, cwd=REPO, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -126,8 +129,8 @@ def finish_child(proc: subprocess.Popen, timeout: float = 600):
 
 
 def run_child(function: str, env: dict | None = None, read_only: str | None = None, known_isa: bool = True,
-              **kwargs):
-    return finish_child(start_child(function, env, read_only, known_isa, **kwargs))
+              full_disk: str | None = None, **kwargs):
+    return finish_child(start_child(function, env, read_only, known_isa, full_disk, **kwargs))
 
 
 def run_children(calls: list[tuple[str, dict]], env: dict | None = None) -> list:
@@ -2186,6 +2189,73 @@ def test_prepare_twice_or_beside_a_first_call_compiles_once():
         for thread in threads:
             thread.join()
         assert len(outs) == 2 and all(torch.allclose(out, model(x)) for out in outs)
+
+
+def failing_in_the_folder(when: str):
+    """vcompile.backend, failing as a full disk fails it when it compiles
+    into a writable cache folder: "first" at every trace, "later" at the
+    later traces only, "always" wherever it compiles."""
+    real = vcompile.backend
+
+    def backend(gm, example_inputs, **kwargs):
+        in_folder = kwargs.get("shared_dir") is not None
+        if when == "always" or in_folder and (when == "first" or kwargs.get("serves") is not None):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(gm, example_inputs, **kwargs)
+    return backend
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("when", ["first", "later"])
+def test_a_compile_that_cannot_write_the_cache_folder_compiles_again_without_it(when, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="vcompile")
+    monkeypatch.setattr(vcompile, "backend", failing_in_the_folder(when))
+    model = Branches()
+    fn = vcompile.compile(model, CompilationConfig(cache_dir=str(tmp_path), **GUARD_CONFIG))
+    fn(torch.arange(4, dtype=torch.float32))
+    for size in range(1, 65):
+        x = torch.arange(size, dtype=torch.float32)
+        assert torch.equal(fn(x), model(x)), size
+    [said] = messages(caplog)
+    assert re.fullmatch(r"vcompile: compiling into the cache folder \S+ failed \(OSError: \[Errno 28\] No space left "
+                        r"on device\); compiling again without the cache, saving nothing", said), said
+    # Nothing of the second compile went to the folder, and no size was recorded as one the model cannot run.
+    saved = sorted(os.path.basename(f) for f in files_under(tmp_path) if "rank_0_0" in f)
+    assert saved == ([] if when == "first" else ["model", "model.py"]), saved
+    assert "untraceable" not in json.loads(next(tmp_path.glob("torch_aot_compile/*/" + vcompile.FACTORS_FILE)).read_text())
+    # A compile that fails wherever it runs fails the call, after the one retry.
+    monkeypatch.setattr(vcompile, "backend", failing_in_the_folder("always"))
+    caplog.clear()
+    with pytest.raises(OSError, match="No space left on device"):
+        vcompile.compile(EvenOnly(), CompilationConfig(cache_dir=str(tmp_path), **GUARD_CONFIG))(torch.ones(4))
+    assert len(messages(caplog)) == 1
+
+
+def child_full_disk(root: str, device: str) -> dict:
+    logs = record_logs()
+    model = Branches()
+    fn = vcompile.compile(model, CompilationConfig(cache_dir=root, **GUARD_CONFIG))
+    fn(torch.arange(4, dtype=torch.float32, device=device))
+    errors = {}
+    for size in range(1, 65):
+        x = torch.arange(size, dtype=torch.float32, device=device)
+        errors[size] = (fn(x) - model(x)).abs().max().item()
+    return {"errors": errors, "logs": logs.lines, "counters": counter_values()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cold_start_on_a_full_disk_runs_the_model(device, tmp_path):
+    # The root on a file system of 64 KiB, private to the child: Inductor's
+    # first writes into the cache folder fail with ENOSPC.
+    if not bench.read_only_by_mount():
+        pytest.skip("needs a mount namespace (root) for a small file system")
+    full = run_child("child_full_disk", root=str(tmp_path / "vcompile"), device=device, full_disk=str(tmp_path))
+    assert full["errors"] == {str(size): 0.0 for size in range(1, 65)}  # the branch eager takes at every size
+    warnings = [line for line in full["logs"] if line.startswith("WARNING")]
+    # Which write fails first (a kernel's source, g++'s output) varies: the line names the folder and the failure.
+    assert len(warnings) == 1 and re.fullmatch(r"WARNING vcompile: compiling into the cache folder \S+ failed \(.+\); "
+                                               r"compiling again without the cache, saving nothing", warnings[0]), warnings
+    assert_counters(full, num_aot_artifacts_saved=0, num_extra_traces=1)
 
 
 # =============================================================================

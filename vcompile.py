@@ -1830,6 +1830,7 @@ class CompiledModel:
         self.preparing: threading.Thread | None = None  # prepare(background=True)
         self.prepare_error: BaseException | None = None
         self.untraced: list[int] = []  # sizes refused because the model reached max_traces
+        self.cache_failure: Exception | None = None  # a compile into the cache folder failed: compile without it
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad():  # inference: the pieces are compiled without a backward
@@ -1887,7 +1888,19 @@ class CompiledModel:
                 # torch 2.15), the first run loads kernels; a total that
                 # started at the load, or stopped there, would hide them.
                 with monitor_torch_compile(self.config, self.is_encoder), private_files():
-                    return self._first_call(args, kwargs, run)
+                    try:
+                        return self._first_call(args, kwargs, run)
+                    except Exception as e:
+                        if self.cache_failure is None:
+                            raise
+                        # A full disk, a quota, a file system Inductor cannot
+                        # lock on: Inductor writes its files into the cache
+                        # folder, and no cache problem may stop the model. Once
+                        # more without the folder (Inductor in its own, nothing
+                        # saved); a compile that fails on its own fails again.
+                        logger.warning("vcompile: compiling into the cache folder %s failed (%s); compiling again "
+                                       "without the cache, saving nothing", self.cache.hash_dir, describe(e))
+                        return self._first_call(args, kwargs, run)
             if run and self.first_run_due:
                 self._check_inputs(args, kwargs)  # against what prepare() was given
                 with inductor_cache_dir(self.cache):
@@ -1901,6 +1914,16 @@ class CompiledModel:
 
     def _first_call(self, args, kwargs, run: bool = True):
         dims = self._bind_first_call(args, kwargs)
+        cold = self.cache is not None and not os.path.isfile(self.cache.model_path) and not self.cache.has_pieces()
+        if cold and self.cache.writable:
+            # A cold start asks Inductor's vector-ISA probe here, in Inductor's
+            # own folder, before it writes into the cache folder. The probe
+            # writes test programs; one that failed partway (a full disk) left
+            # its choice half made on torch 2.13: kernels generated for 256-bit
+            # vectors and built with AVX-512 flags, wrong outputs, then a
+            # corrupted heap, which the retry in _first cannot undo. Its
+            # answers are kept for the process, so the compile asks nothing.
+            picked_vec_isa(self.device)
         with inductor_cache_dir(self.cache):
             if not self.config.use_aot or aot_unavailable(self.cache) is not None:
                 return self._trace(args, kwargs, dims)
@@ -1959,13 +1982,17 @@ class CompiledModel:
                 if trace is None:
                     raise RuntimeError("its compiled function cannot be saved to load back")
             except Exception as e:  # as eager would (torch._check), or another failure: refused, not fatal
+                if self.cache_failure is not None and self.cache is not None:
+                    raise  # the cache folder failed, not this size: the first call starts again without it
                 # Every size that fails the same guard is given up with this
                 # run: `torch._check(x.shape[0] % 2 == 0)` would otherwise cost
                 # a failed trace per odd size.
                 same = [size for size, open_ in enumerate(serves) if open_ and failed_guard(size, first["guards"]) == guard]
                 given_up.update(same)
-                logger.info("vcompile: %s; a trace of their own at %d failed (%s): sizes %s, which fail that guard, "
-                            "stay refused", why, at, describe(e), sizes_in_words(same))
+                given = (f"size {same[0]}, which fails that guard, stays" if len(same) == 1 else
+                         f"sizes {sizes_in_words(same)}, which fail that guard, stay")
+                logger.info("vcompile: %s; a trace of their own at %d failed (%s): %s refused", why, at, describe(e),
+                            given)
                 continue
             traces.append(trace)
             if not trace["loaded"]:
@@ -2029,7 +2056,7 @@ class CompiledModel:
         self.constants = {n: v for n, v in arguments.items() if type(v) in _CONSTANT_TYPES}
         self.device = next(self.model.parameters(), next(iter(tensors.values()))).device
         self.factors = cache_key_factors(self.model, self.config, self.is_encoder, dims, self.device)
-        self.cache = open_cache_dir(self.factors, self.config)
+        self.cache = None if self.cache_failure is not None else open_cache_dir(self.factors, self.config)
         return dims
 
     def _compile_and_save(self, args, kwargs, dims, trace: int = 0, at_size: int | None = None,
@@ -2143,9 +2170,15 @@ class CompiledModel:
                 options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
     def _backend(self, gm, example_inputs, pieces_dir=None, serves=None):
-        shared_dir = self.cache.shared_dir if self.cache is not None and self.cache.writable else None
-        self.compiled_fn = backend(gm, example_inputs, config=self.config, is_encoder=self.is_encoder,
-                                   pieces_dir=pieces_dir, shared_dir=shared_dir, serves=serves)
+        writable = self.cache is not None and self.cache.writable
+        try:
+            self.compiled_fn = backend(gm, example_inputs, config=self.config, is_encoder=self.is_encoder,
+                                       pieces_dir=pieces_dir, shared_dir=self.cache.shared_dir if writable else None,
+                                       serves=serves)
+        except Exception as e:
+            if writable:  # Dynamo traced; compiling into the folder failed (see _first)
+                self.cache_failure = e
+            raise
         return self.compiled_fn
 
     def _bind(self, args, kwargs) -> dict[str, Any]:
