@@ -1893,11 +1893,11 @@ class CompiledModel:
                     except Exception as e:
                         if self.cache_failure is None:
                             raise
-                        # A full disk, a quota, a file system Inductor cannot
-                        # lock on: Inductor writes its files into the cache
-                        # folder, and no cache problem may stop the model. Once
-                        # more without the folder (Inductor in its own, nothing
-                        # saved); a compile that fails on its own fails again.
+                        # A full disk or a quota: Inductor writes its files
+                        # into the cache folder, and no cache problem may stop
+                        # the model. Once more without the folder (Inductor in
+                        # its own, nothing saved); a compile that fails on its
+                        # own fails again.
                         logger.warning("vcompile: compiling into the cache folder %s failed (%s); compiling again "
                                        "without the cache, saving nothing", self.cache.hash_dir, describe(e))
                         return self._first_call(args, kwargs, run)
