@@ -1830,7 +1830,7 @@ class CompiledModel:
         self.preparing: threading.Thread | None = None  # prepare(background=True)
         self.prepare_error: BaseException | None = None
         self.untraced: list[int] = []  # sizes refused because the model reached max_traces
-        self.cache_failure: Exception | None = None  # a compile into the cache folder failed: compile without it
+        self.cache_failed = False  # a compile into the cache folder failed: compile without it
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad():  # inference: the pieces are compiled without a backward
@@ -1891,7 +1891,7 @@ class CompiledModel:
                     try:
                         return self._first_call(args, kwargs, run)
                     except Exception as e:
-                        if self.cache_failure is None:
+                        if not self.cache_failed:
                             raise
                         # A full disk or a quota: Inductor writes its files
                         # into the cache folder, and no cache problem may stop
@@ -1982,7 +1982,7 @@ class CompiledModel:
                 if trace is None:
                     raise RuntimeError("its compiled function cannot be saved to load back")
             except Exception as e:  # as eager would (torch._check), or another failure: refused, not fatal
-                if self.cache_failure is not None and self.cache is not None:
+                if self.cache_failed and self.cache is not None:
                     raise  # the cache folder failed, not this size: the first call starts again without it
                 # Every size that fails the same guard is given up with this
                 # run: `torch._check(x.shape[0] % 2 == 0)` would otherwise cost
@@ -2056,7 +2056,7 @@ class CompiledModel:
         self.constants = {n: v for n, v in arguments.items() if type(v) in _CONSTANT_TYPES}
         self.device = next(self.model.parameters(), next(iter(tensors.values()))).device
         self.factors = cache_key_factors(self.model, self.config, self.is_encoder, dims, self.device)
-        self.cache = None if self.cache_failure is not None else open_cache_dir(self.factors, self.config)
+        self.cache = None if self.cache_failed else open_cache_dir(self.factors, self.config)
         return dims
 
     def _compile_and_save(self, args, kwargs, dims, trace: int = 0, at_size: int | None = None,
@@ -2175,9 +2175,9 @@ class CompiledModel:
             self.compiled_fn = backend(gm, example_inputs, config=self.config, is_encoder=self.is_encoder,
                                        pieces_dir=pieces_dir, shared_dir=self.cache.shared_dir if writable else None,
                                        serves=serves)
-        except Exception as e:
+        except Exception:
             if writable:  # Dynamo traced; compiling into the folder failed (see _first)
-                self.cache_failure = e
+                self.cache_failed = True  # a flag: the exception's traceback would keep the graph alive
             raise
         return self.compiled_fn
 
