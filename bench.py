@@ -630,9 +630,13 @@ def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict
 
 
 # A case's process starts the clock before `import torch`, so imports count.
-_CHILD = ("import time, sys; t0 = time.perf_counter(); import json; "
+# Once it has reported, it skips the interpreter's teardown (os._exit after the
+# exit handlers): tearing down torch's modules takes 0.5 to 1 s that no case
+# measures, and a full sweep starts hundreds of processes.
+_CHILD = ("import time, sys; t0 = time.perf_counter(); import atexit, json, os; "
           "args = json.loads(sys.argv[1]); import bench; run = getattr(bench, args.pop('runner')); "
-          "print('\\n' + json.dumps(run(started=t0, **args)))")
+          "print('\\n' + json.dumps(run(started=t0, **args)), flush=True); "
+          "atexit._run_exitfuncs(); sys.stderr.flush(); os._exit(0)")
 
 
 def case_dirs(parent: str) -> dict:
