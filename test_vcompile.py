@@ -194,6 +194,65 @@ sys.meta_path.insert(0, AnswerChecks())
 _session_folder: list = []  # set by the session fixture below
 
 
+# Most of a cold compile on CPU is g++ building each kernel into a .so (half
+# of the decoder's 16 s first call), and the suite compiles the same small
+# decoders into dozens of fresh roots: a vcompile test is about what happens
+# around the build, never about g++ itself. Inductor calls $CXX; the session
+# points it at this stand-in, which keeps each .so it built under a key of
+# the source's bytes and the command line with the source and output paths
+# cut to their names (Inductor names both after its own hash of code and
+# flags), and copies the .so on a repeat. It is still a program each build
+# runs, so the tests that count builds count it; a failing copy (a full disk)
+# fails the build as g++ would; the file is created as g++ creates it,
+# under the process's umask. Anything but a .cpp build goes to g++ itself.
+_KERNEL_BUILDS = """#!{python} -S
+# Written by test_vcompile.py: g++, with a cache of this test session's kernel builds.
+import hashlib, os, subprocess, sys
+
+GXX, CACHE = {gxx!r}, {cache!r}
+args = sys.argv[1:]
+source = next((a for a in args if a.endswith(".cpp")), None)
+if source is None or "-o" not in args:
+    os.execv(GXX, [GXX, *args])
+out = args[args.index("-o") + 1]
+key = hashlib.sha256(open(source, "rb").read())
+for arg in args:
+    key.update((os.path.basename(arg) if arg in (source, out) else arg).encode() + b"\\0")
+entry = os.path.join(CACHE, key.hexdigest())
+try:
+    with open(entry, "rb") as f:
+        data = f.read()
+except OSError:
+    status = subprocess.call([GXX, *args])
+    if status == 0:
+        try:
+            with open(out, "rb") as f, open(f"{{entry}}.{{os.getpid()}}", "wb") as kept:
+                kept.write(f.read())
+            os.replace(f"{{entry}}.{{os.getpid()}}", entry)
+        except OSError:
+            pass
+    sys.exit(status)
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o777)
+with os.fdopen(fd, "wb") as f:
+    f.write(data)
+"""
+
+
+def kernel_builds_compiler(folder: pathlib.Path) -> str:
+    """The stand-in for g++ (see _KERNEL_BUILDS), made once per session."""
+    from filelock import FileLock
+
+    compiler = folder / "g++"  # named so: Inductor picks gcc's flags by the name
+    with FileLock(str(folder) + ".lock"):
+        if not compiler.exists():
+            (folder / "builds").mkdir(parents=True, exist_ok=True)
+            text = _KERNEL_BUILDS.format(python=sys.executable, gxx=shutil.which("g++"), cache=str(folder / "builds"))
+            (folder / "g++.tmp").write_text(text)
+            (folder / "g++.tmp").chmod(0o755)
+            (folder / "g++.tmp").rename(compiler)
+    return str(compiler)
+
+
 def known_isa_path() -> str:
     """The folder of the sitecustomize module that answers the vector-ISA
     checks, made by the first child that needs it (under a file lock: the
@@ -231,6 +290,10 @@ def session_folder(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # this session's folder, common to the workers
     _session_folder[:] = [shared]
+    if shutil.which("g++"):  # the children take it from the environment, this process from Inductor's config
+        compiler = kernel_builds_compiler(shared / "kernel-builds")
+        os.environ["CXX"] = compiler
+        torch._inductor.config.cpp.cxx = (None, compiler)
     # The tests that compile in this process ask the same questions: answer
     # them from the same file, made when the first answer is needed.
     from torch._inductor import cpu_vec_isa
