@@ -25,6 +25,7 @@ import operator
 import os
 import pathlib
 import pickle
+import platform
 import re
 import shlex
 import shutil
@@ -1630,6 +1631,42 @@ def test_a_piece_another_process_compiled_meanwhile_is_taken_not_compiled(tmp_pa
         os.utime(os.path.join(shared, name), (1, 1))
     with counters.expect(num_inductor_compiles=1, num_artifacts_from_other_processes=0):
         vcompile.CompilerManager(shared_dir=shared).compile(gm, vcompile.fake_args_from_graph(gm), Range(1, 8))
+
+
+def child_shared_vec_isa(hash_dir: str, answer: dict | None, older: bool) -> dict:
+    """A cold start's vector-ISA question, on a root where another process
+    left `answer` (written now, or before this process started if older)."""
+    from torch._inductor import cpu_vec_isa
+
+    cache = vcompile.CacheDir(hash_dir, os.path.join(hash_dir, "rank_0_0"), writable=True)
+    os.makedirs(cache.shared_dir, exist_ok=True)
+    path = os.path.join(cache.shared_dir, "vec_isa")
+    if answer is not None:
+        vcompile.write_artifact(path, json.dumps(answer).encode())
+        if older:
+            os.utime(path, (1, 1))
+    probes, real = [], cpu_vec_isa.VecISA.check_build
+    cpu_vec_isa.VecISA.check_build = lambda isa, code: probes.append(str(isa)) or real(isa, code)
+    vcompile.shared_vec_isa(cache, torch.device("cpu"), 1.0)
+    return {"picked": str(cpu_vec_isa.pick_vec_isa()), "probes": probes,
+            "left": json.loads(vcompile.read_artifact(path))}
+
+
+def test_cold_starts_on_one_root_probe_the_vector_isa_once(tmp_path):
+    flags = torch.backends.cpu.get_cpu_capability()
+    if platform.machine() not in ("x86_64", "AMD64") or flags not in ("AVX2", "AVX512"):
+        pytest.skip("needs an x86 processor with AVX2")
+    # Another process just probed and found AVX2 only: this one takes that
+    # answer (no probe of its own); an answer left before it started is
+    # probed again and replaced, as a start alone always did.
+    avx2 = {"name": "avx2", "flags": "-mavx2 -mfma -mf16c"}
+    taken, probed = run_children([
+        ("child_shared_vec_isa", dict(hash_dir=str(tmp_path / "now"), answer=avx2, older=False, known_isa=False)),
+        ("child_shared_vec_isa", dict(hash_dir=str(tmp_path / "before"), answer=avx2, older=True,
+                                      known_isa=False))])
+    assert taken["picked"] == "avx2" and taken["probes"] == [] and taken["left"] == avx2
+    assert probed["probes"] and probed["left"]["name"] == probed["picked"]
+    assert (probed["picked"] == "avx2") == (flags == "AVX2")
 
 
 def test_a_lock_dies_with_its_process_and_a_waiter_gives_up_after_the_bound(tmp_path, caplog):

@@ -266,7 +266,8 @@ def monitor_torch_compile(config: CompilationConfig, is_encoder: bool = False):
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model     the AOT artifact
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model.py  its execution code, to read
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/pieces/   JIT mode's per-piece artifacts
-#   <root>/torch_aot_compile/<hash>/shared_pieces/          what one process compiles for all (section 7)
+#   <root>/torch_aot_compile/<hash>/shared_pieces/          what one process compiles for all (section 7),
+#                                                           and the vector ISA it probed (section 10)
 #
 # A cache is built once and then shipped: baked into a container image,
 # mounted read-only, copied to many nodes. A root that holds this model's
@@ -1639,6 +1640,37 @@ def picked_vec_isa(device: torch.device) -> dict | None:
     return {"name": str(isa), "flags": isa.build_arch_flags()}
 
 
+def shared_vec_isa(cache: CacheDir, device: torch.device, wait_s: float) -> None:
+    """picked_vec_isa for a cold start on a writable root, asked once for the
+    processes that start on it together: the first holds a lock while it
+    probes and leaves its answer in shared_pieces; the others wait for it and
+    answer their own checks from it, as a warm load does. The probe runs a
+    Python subprocess per candidate and extension, about a second of CPU per
+    process on torch 2.13: four cold starts on two cores paid it four times.
+    As for the pieces, an answer older than this process is not taken: a
+    start alone probes as it always did."""
+    if device.type != "cpu":
+        return
+    path = os.path.join(cache.shared_dir, "vec_isa")
+    try:
+        lock = lock_file(f"{path}.lock", wait_s)
+    except OSError:  # a root made read-only or full meanwhile: probe alone
+        lock = None
+    try:
+        answer = None
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.getmtime(path) >= _started_at:
+                answer = json.loads(read_artifact(path))
+        with known_vec_isa(device, answer):
+            isa = picked_vec_isa(device)
+        if answer is None and lock is not None:
+            with contextlib.suppress(OSError):
+                write_artifact(path, json.dumps(isa).encode())
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
 def source_hashes(source_info) -> dict[str, str]:
     """The AOT artifact records each file Dynamo traced, whole."""
     return {s.module: hashlib.sha256(s.content.encode()).hexdigest() for s in source_info.inlined_sources}
@@ -1923,7 +1955,7 @@ class CompiledModel:
             # vectors and built with AVX-512 flags, wrong outputs, then a
             # corrupted heap, which the retry in _first cannot undo. Its
             # answers are kept for the process, so the compile asks nothing.
-            picked_vec_isa(self.device)
+            shared_vec_isa(self.cache, self.device, self.config.compile_wait_s)
         with inductor_cache_dir(self.cache):
             if not self.config.use_aot or aot_unavailable(self.cache) is not None:
                 return self._trace(args, kwargs, dims)
