@@ -1661,6 +1661,8 @@ def shared_vec_isa(cache: CacheDir, device: torch.device, wait_s: float) -> None
         with contextlib.suppress(OSError, ValueError):
             if os.path.getmtime(path) >= _started_at:
                 answer = json.loads(read_artifact(path))
+        if not (isinstance(answer, dict) and isinstance(answer.get("flags"), str)):
+            answer = None  # written by another vcompile, or not an answer: probe
         with known_vec_isa(device, answer):
             isa = picked_vec_isa(device)
         if answer is None and lock is not None:
