@@ -110,7 +110,7 @@ def start_child(function: str, env: dict | None = None, read_only: str | None = 
     first child (see known_isa_path)."""
     # The child ends with os._exit once its exit handlers ran: the interpreter's
     # teardown of torch's modules costs 0.5 to 1 s of CPU per process and checks
-    # nothing, and the suite starts over a hundred children.
+    # nothing, and the suite starts dozens of children.
     code = ("import atexit, json, os, sys, test_vcompile as t; "
             f"print('\\n' + json.dumps(t.{function}(**json.loads(sys.argv[1]))), flush=True); "
             "atexit._run_exitfuncs(); sys.stderr.flush(); os._exit(0)")
