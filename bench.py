@@ -632,7 +632,7 @@ def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict
 # A case's process starts the clock before `import torch`, so imports count.
 # Once it has reported, it skips the interpreter's teardown (os._exit after the
 # exit handlers): tearing down torch's modules takes 0.5 to 1 s that no case
-# measures, and a full sweep starts hundreds of processes.
+# measures, and a full sweep starts about a hundred processes.
 _CHILD = ("import time, sys; t0 = time.perf_counter(); import atexit, json, os; "
           "args = json.loads(sys.argv[1]); import bench; run = getattr(bench, args.pop('runner')); "
           "print('\\n' + json.dumps(run(started=t0, **args)), flush=True); "
