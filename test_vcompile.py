@@ -936,6 +936,8 @@ def test_processes_compiling_into_one_root_at_once_all_succeed(device, cold_cach
     # Each (piece, entry) compiled by one of them, the others took it (section 7).
     assert sum(r["counters"]["num_inductor_compiles"] for r in together) == 9
     assert sum(r["counters"]["num_artifacts_from_other_processes"] for r in together) == 3 * 9
+    # No more of them compiled than there are cores (compile slots): the rest only took.
+    assert sum(r["counters"]["num_inductor_compiles"] > 0 for r in together) <= len(os.sched_getaffinity(0))
     assert {r["counters"]["num_compiled_artifacts_saved"] for r in together} == {6}
     fifth = run_child("child_decoder", root=str(root), device=device)
     assert_counters(fifth, **WARM)
@@ -1704,6 +1706,38 @@ def test_a_lock_dies_with_its_process_and_a_waiter_gives_up_after_the_bound(tmp_
     assert len(waited) == 1 and "compiling it here (compile_wait_s sets the wait)" in waited[0], waited
     for fd in locks:
         os.close(fd)
+
+
+def test_a_process_without_a_compile_slot_takes_what_is_shared_then_waits_for_one(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    shared = str(tmp_path / "shared_pieces")
+    os.makedirs(shared)
+    shared_piece, own_piece = piece_graph(2.0), piece_graph(5.0)
+    vcompile.CompilerManager(shared_dir=shared, slots=1).compile(
+        shared_piece, vcompile.fake_args_from_graph(shared_piece), Range(1, 8))
+    slot = os.open(os.path.join(shared, "compile-slot-0.lock"), os.O_RDWR)
+    fcntl.flock(slot, fcntl.LOCK_EX)  # the only slot, held by "another process" for 0.5 s
+    threading.Timer(0.5, os.close, [slot]).start()
+    manager, events = vcompile.CompilerManager(shared_dir=shared, slots=1), []
+    for name in ("_compile_slot", "_load_piece"):
+        real = getattr(manager, name)
+        setattr(manager, name, lambda *a, real=real, name=name: events.append(name) or real(*a))
+    jobs = [(gm, vcompile.fake_args_from_graph(gm), Range(1, 8)) for gm in (own_piece, shared_piece)]
+    with counters.expect(num_inductor_compiles=1, num_artifacts_from_other_processes=1):
+        manager.compile_all(jobs)
+    # The shared piece is taken while the slot is held; the other compiles once the slot is free.
+    assert events == ["_compile_slot", "_load_piece", "_compile_slot"]
+    assert manager.waited_s >= 0.4
+    assert not [m for m in messages(caplog) if m.startswith("vcompile: waited")]
+
+    # A slot held past compile_wait_s: this process compiles anyway, and says so.
+    slot = vcompile.lock_file(os.path.join(shared, "compile-slot-0.lock"), 0)
+    with counters.expect(num_inductor_compiles=1):
+        vcompile.CompilerManager(shared_dir=shared, wait_s=0.3, slots=1).compile(
+            piece_graph(7.0), vcompile.fake_args_from_graph(piece_graph(7.0)), Range(1, 8))
+    os.close(slot)
+    waited = [m for m in messages(caplog) if m.startswith("vcompile: waited")]
+    assert len(waited) == 1 and "compile slots" in waited[0] and "compiling here" in waited[0], waited
 
 
 def child_sharded(root: str, device: str, rank: int, store: str) -> dict:

@@ -1067,6 +1067,15 @@ class PutOff(BaseException):
 # A lone start reads no bytes an earlier start left here: files older than
 # this process, unless it found their key held, are compiled as before (an
 # Inductor cache hit), so a start alone counts and does what it always did.
+#
+# At most one process per core compiles at once: a compile_all first takes
+# one of `slots` flocks in shared_pieces, and a process that finds them all
+# held only takes what is already there, then waits for a slot. Each
+# process that compiles even one piece pays Inductor's first-compile set-up
+# (its pattern matchers, about a second of CPU), and four processes on two
+# cores paid it four times, on the cores the compiles needed. A slot comes
+# free when its holder has compiled or taken everything it needs, so the
+# waiter then mostly takes.
 
 
 def _process_started_at() -> float:
@@ -1089,7 +1098,8 @@ _started_at = _process_started_at()
 class CompilerManager:
     """Compiles the pieces of one backend call; owns the in-memory cache."""
 
-    def __init__(self, pieces_dir: str | None = None, shared_dir: str | None = None, wait_s: float = 300.0):
+    def __init__(self, pieces_dir: str | None = None, shared_dir: str | None = None, wait_s: float = 300.0,
+                 slots: int | None = None):
         self.artifacts: dict[tuple[Range, str], AOTCompiledArtifact] = {}  # (entry, AOT key) -> artifact
         self.blobs: dict[int, bytes] = {}  # id(artifact) -> its bytes, serialized once
         self.seconds: dict[Range, float] = defaultdict(float)  # compile time per entry, all pieces
@@ -1101,39 +1111,53 @@ class CompilerManager:
         self.wait_s = wait_s
         self.held_elsewhere: set[str] = set()  # AOT keys another process held when this one wanted them
         self.waited_s = 0.0
+        self.slots = slots or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
     def compile_all(self, jobs: list[tuple[fx.GraphModule, list, Range]]) -> list[AOTCompiledArtifact]:
         """Each (piece, example inputs, entry) job's artifact. Jobs another
-        process holds are put off while others remain, then waited for in turn."""
+        process holds are put off while others remain, then waited for in turn.
+        Without a compile slot, only what others finished is taken until one frees."""
         artifacts: list[AOTCompiledArtifact | None] = [None] * len(jobs)
         left = defaultdict(int)  # entry -> jobs not done: its time is logged when it reaches 0
         for _, _, entry in jobs:
             left[entry] += 1
+        slot = self._compile_slot(0) if self.shared_dir is not None else None
+        take_only = slot is None and self.shared_dir is not None
         pending, wait = list(range(len(jobs))), False
-        while pending:
-            put_off = []
-            for i in pending:
-                graph, example_inputs, entry = jobs[i]
-                started = time.perf_counter()
-                try:
-                    artifacts[i] = self._compile_or_reuse(graph, example_inputs, entry, wait)
-                except PutOff:
-                    put_off.append(i)
-                    continue
-                finally:
-                    self.seconds[entry] += time.perf_counter() - started
-                    wait = False  # one wait per pass, then whatever the others finished meanwhile
-                counters.num_backend_compilations += 1
-                left[entry] -= 1
-                if left[entry] == 0:
-                    logger.info("Compiling a graph for compile range %s takes %.2f s", entry, self.seconds[entry])
-            pending, wait = put_off, True
+        try:
+            while pending:
+                put_off = []
+                for i in pending:
+                    graph, example_inputs, entry = jobs[i]
+                    started = time.perf_counter()
+                    try:
+                        artifacts[i] = self._compile_or_reuse(graph, example_inputs, entry, wait, take_only)
+                    except PutOff:
+                        put_off.append(i)
+                        continue
+                    finally:
+                        self.seconds[entry] += time.perf_counter() - started
+                        wait = False  # one wait per pass, then whatever the others finished meanwhile
+                    counters.num_backend_compilations += 1
+                    left[entry] -= 1
+                    if left[entry] == 0:
+                        logger.info("Compiling a graph for compile range %s takes %.2f s", entry, self.seconds[entry])
+                if put_off and take_only:
+                    slot = self._compile_slot(self.wait_s)
+                    take_only = False  # with a slot, or after the bound without one
+                else:
+                    wait = True
+                pending = put_off
+        finally:
+            if slot is not None:
+                os.close(slot)
         return artifacts
 
     def compile(self, graph: fx.GraphModule, example_inputs: list, entry: Range) -> AOTCompiledArtifact:
         return self.compile_all([(graph, example_inputs, entry)])[0]
 
-    def _compile_or_reuse(self, graph, example_inputs, entry, wait: bool = False) -> AOTCompiledArtifact:
+    def _compile_or_reuse(self, graph, example_inputs, entry, wait: bool = False,
+                          take_only: bool = False) -> AOTCompiledArtifact:
         key, lock, found = None, None, None
         compute_key = aot_autograd_cache.autograd_cache_key
 
@@ -1142,6 +1166,8 @@ class CompilerManager:
             result = compute_key(*args, **kwargs)
             key = (entry, result[0])
             found = self._found(key)
+            if found is None and take_only:
+                raise PutOff
             if found is None:
                 lock = self._lock(key, wait)
                 found = self._found(key)  # left by the process that held the lock
@@ -1159,7 +1185,7 @@ class CompilerManager:
                 return self.artifacts[key]
             artifact = self._load_piece(found)
             if artifact is None:  # unreadable file: it is now in bad_files, so this compiles
-                return self._compile_or_reuse(graph, example_inputs, entry, wait)
+                return self._compile_or_reuse(graph, example_inputs, entry, wait, take_only)
             if found == self._shared_path(key):
                 counters.num_artifacts_from_other_processes += 1
                 self._save_piece(key, artifact)
@@ -1188,6 +1214,30 @@ class CompilerManager:
             written = os.path.getmtime(shared)
             if key[1] in self.held_elsewhere or written >= _started_at:
                 return shared
+        return None
+
+    def _compile_slot(self, wait_s: float) -> int | None:
+        """A held compile slot, or None: none came free within wait_s, or
+        the root cannot be locked (then sharing is off: compile alone)."""
+        started, deadline = time.perf_counter(), time.monotonic() + wait_s
+        try:
+            while True:
+                for i in range(self.slots):
+                    slot = lock_file(os.path.join(self.shared_dir, f"compile-slot-{i}.lock"), 0)
+                    if slot is not None:
+                        return slot
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        except OSError as e:  # a root made read-only or full meanwhile
+            logger.debug("vcompile: cannot lock %s: %s", self.shared_dir, e)
+            self.shared_dir = None
+            return None
+        finally:
+            self.waited_s += time.perf_counter() - started
+        if wait_s:
+            logger.warning("vcompile: waited %.0f s for one of the %d compile slots in %s; compiling here "
+                           "(compile_wait_s sets the wait)", wait_s, self.slots, self.shared_dir)
         return None
 
     def _lock(self, key, wait: bool) -> int | None:
