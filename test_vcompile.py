@@ -954,6 +954,8 @@ def test_two_ranks_share_a_hash_folder_and_each_starts_warm(device, cold_cache, 
                                                             store=store)) for rank in (0, 1)]))
     assert sorted(d for d in os.listdir(copy) if d.startswith("rank_")) == ["rank_0_0", "rank_1_0"]
     assert all(os.path.isfile(os.path.join(copy, d, "model")) for d in ("rank_0_0", "rank_1_0"))
+    # Two processes started together compile between them what one compiles alone (section 7).
+    assert sum(cold["counters"]["num_inductor_compiles"] for cold in rounds[0]) == 9
     for cold, warm in zip(*rounds):
         assert cold["hash_dir"] == warm["hash_dir"] == copy  # one folder, one inductor_cache for both ranks
         assert_counters(cold, num_aot_compiles=1, num_aot_artifacts_saved=1)
