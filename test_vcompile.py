@@ -1715,8 +1715,9 @@ def test_a_process_without_a_compile_slot_takes_what_is_shared_then_waits_for_on
     shared = str(tmp_path / "shared_pieces")
     os.makedirs(shared)
     shared_piece, own_piece = piece_graph(2.0), piece_graph(5.0)
-    vcompile.CompilerManager(shared_dir=shared, slots=1).compile(
-        shared_piece, vcompile.fake_args_from_graph(shared_piece), Range(1, 8))
+    alone = vcompile.CompilerManager(shared_dir=shared, slots=1)
+    alone.compile(shared_piece, vcompile.fake_args_from_graph(shared_piece), Range(1, 8))
+    assert alone.waited_s == 0  # a free slot is no wait: a start alone logs nothing about sharing
     slot = os.open(os.path.join(shared, "compile-slot-0.lock"), os.O_RDWR)
     fcntl.flock(slot, fcntl.LOCK_EX)  # the only slot, held by "another process" for 0.5 s
     threading.Timer(0.5, os.close, [slot]).start()

@@ -1234,7 +1234,8 @@ class CompilerManager:
             self.shared_dir = None
             return None
         finally:
-            self.waited_s += time.perf_counter() - started
+            if wait_s:  # a first try that finds a slot is no wait: a start alone logs nothing
+                self.waited_s += time.perf_counter() - started
         if wait_s:
             logger.warning("vcompile: waited %.0f s for one of the %d compile slots in %s; compiling here "
                            "(compile_wait_s sets the wait)", wait_s, self.slots, self.shared_dir)
