@@ -1735,9 +1735,10 @@ def test_a_process_without_a_compile_slot_takes_what_is_shared_then_waits_for_on
 
     # A slot held past compile_wait_s: this process compiles anyway, and says so.
     slot = vcompile.lock_file(os.path.join(shared, "compile-slot-0.lock"), 0)
+    third = piece_graph(7.0)
     with counters.expect(num_inductor_compiles=1):
         vcompile.CompilerManager(shared_dir=shared, wait_s=0.3, slots=1).compile(
-            piece_graph(7.0), vcompile.fake_args_from_graph(piece_graph(7.0)), Range(1, 8))
+            third, vcompile.fake_args_from_graph(third), Range(1, 8))
     os.close(slot)
     waited = [m for m in messages(caplog) if m.startswith("vcompile: waited")]
     assert len(waited) == 1 and "compile slots" in waited[0] and "compiling here" in waited[0], waited
