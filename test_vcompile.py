@@ -38,6 +38,8 @@ import time
 import pytest
 import torch
 import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.split_module import split_module
 
 import bench
 import vcompile
@@ -1230,6 +1232,146 @@ def test_split_op_names_match_packet_or_overload():
     assert other == [("submod_0", False)]
 
 
+class SymSize(torch.nn.Module):
+    """vLLM's test_sym_size_with_torch_compile_and_mark_dynamic: the token
+    count read before the first splitting op (aten::sigmoid) and used after each."""
+
+    def forward(self, x):
+        bs, h = x.shape
+        for _ in range(3):
+            x = torch.ops.aten.sigmoid.default(x)
+            x = x.clone().view(bs, h)
+        return x
+
+
+class SymSizeTwoInputs(torch.nn.Module):
+    """The same with two token arguments: one size symbol for both."""
+
+    def forward(self, x, y):
+        bs, h = x.shape
+        for _ in range(3):
+            x = torch.ops.aten.sigmoid.default(x)
+            x = (x.clone() + y).view(bs, h)
+        return x
+
+
+class SplitAfterAttention(torch.nn.Module):
+    """What attention returns, split along another dimension."""
+
+    def forward(self, x):
+        a, b = torch.split(torch.ops.vcompile_test.attn(x), 8, dim=1)
+        return a * b
+
+
+class LastRow(torch.nn.Module):
+    """The splitting op's output sliced by arithmetic on the token count."""
+
+    def forward(self, x):
+        n = x.shape[0]
+        y = torch.ops.vcompile_test.attn(x)
+        return y[n - 1:] * 3 + y[: n // 2].sum(0)
+
+
+def ops_in(piece: fx.GraphModule) -> list:
+    return [n.target for n in piece.graph.nodes if n.op == "call_function"]
+
+
+def test_a_tensor_sliced_by_the_token_count_joins_the_piece_that_computes_the_slice():
+    # Backed and unbacked: Dynamo computes `n - 1` and `n // 2` where they are
+    # used, after the splitting op; kept with it, the slices made a cycle.
+    for unbacked in (False, True):
+        gm = dynamo_graph(LastRow(), torch.randn(6, 16), unbacked=unbacked)
+        split_gm, pieces = vcompile.split_graph(gm, ["vcompile_test::attn"])
+        assert pieces == [("submod_0", True), ("submod_1", False)], unbacked
+        assert ops_in(split_gm.submod_0) == [torch.ops.vcompile_test.attn], unbacked
+        assert operator.sub in ops_in(split_gm.submod_1) and operator.floordiv in ops_in(split_gm.submod_1)
+        # An unbacked trace's runtime assert (`u0 >= 0`) runs in the compiled piece, not in one of its own.
+        assert (torch.ops.aten._assert_scalar.default in ops_in(split_gm.submod_1)) == unbacked
+    # A getitem that unpacks a tuple stays with the op that made it.
+    gm = dynamo_graph(SplitAfterAttention(), torch.randn(6, 16), unbacked=True)
+    split_gm, pieces = vcompile.split_graph(gm, ["vcompile_test::attn"])
+    assert pieces == [("submod_0", True), ("submod_1", False)]
+    assert ops_in(split_gm.submod_1).count(operator.getitem) == 2
+    assert not [n for n in split_gm.submod_1.graph.nodes if n.target is operator.getitem and n.args[0].op == "placeholder"]
+
+
+def test_sizes_and_asserts_alone_make_no_piece():
+    for unbacked in (False, True):
+        gm = dynamo_graph(SymSize(), torch.randn(4, 8), unbacked=unbacked)
+        split_gm, pieces = vcompile.split_graph(gm, ["aten::sigmoid"])
+        assert [s for _, s in pieces] == [True, False] * 3, unbacked  # vLLM's count: 6, 3 of them splitting
+        assert all(torch.ops.aten.sigmoid.default not in ops_in(getattr(split_gm, n)) for n, s in pieces if not s)
+
+
+# --- vLLM's tests/compile/test_graph_partition.py, written for vcompile -------
+
+
+def no_tuple_inputs(split_gm, pieces) -> bool:
+    return not [n for name, _ in pieces for n in getattr(split_gm, name).graph.nodes
+                if n.target is operator.getitem and n.args[0].op == "placeholder"]
+
+
+def test_vllm_getitem_moved_to_producer_subgraph():
+    def model_fn(x):
+        chunks = torch.split(x, x.shape[0] // 2, dim=0)
+        return torch.cat([torch.relu(chunks[0]), torch.relu(chunks[1])], dim=0)
+
+    gm = make_fx(model_fn)(torch.randn(4, 3))
+    split_gm, pieces = vcompile.split_graph(gm, ["aten::split.Tensor"])
+    assert len(pieces) == 2 and no_tuple_inputs(split_gm, pieces)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(split_gm(x), gm(x))
+
+
+def test_vllm_no_tuple_inputs_with_multiple_consumers():
+    def model_fn(x):
+        chunks = torch.split(x, x.shape[0] // 2, dim=0)
+        result_1, result_2 = torch.relu(chunks[0]), torch.relu(chunks[1])
+        result_1 = torch.sigmoid(result_1)
+        return torch.cat([chunks[0], chunks[1], result_1, result_2])
+
+    gm = make_fx(model_fn)(torch.randn(4, 3))
+    split_gm, pieces = vcompile.split_graph(gm, ["aten::split.Tensor", "aten::sigmoid"])
+    assert len(pieces) == 4 and no_tuple_inputs(split_gm, pieces)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(split_gm(x), gm(x))
+
+
+def test_vllm_consecutive_ops_in_split():
+    def model_fn(x):
+        intermediate = torch.relu(x)
+        return torch.sigmoid(torch.ops.vcompile_test.attn(torch.sqrt(intermediate)))
+
+    gm = make_fx(model_fn)(torch.rand(8, 4))
+    split_gm, pieces = vcompile.split_graph(gm, ["vcompile_test::attn", "aten::sqrt"])
+    assert len(pieces) == 3
+    [splitting] = [getattr(split_gm, name) for name, s in pieces if s]
+    assert [n.op for n in splitting.graph.nodes] == ["placeholder", "call_function", "call_function", "output"]
+    x = torch.rand(8, 4)
+    torch.testing.assert_close(split_gm(x), gm(x))
+
+
+def test_vllm_sym_size_moved_across_split_boundary():
+    def model_fn(x, y):
+        batch_size, hidden_size = x.shape[0], x.shape[1]
+        z = torch.sigmoid(x)
+        return z + y.view(batch_size, hidden_size)
+
+    x, y = torch.randn(4, 8), torch.randn(32)
+    gm = make_fx(model_fn, tracing_mode="symbolic")(x, y)
+    assert torch.ops.aten.sym_size.int in ops_in(gm)
+    split_gm, pieces = vcompile.split_graph(gm, ["aten::sigmoid"])
+    [sigmoid_at] = [i for i, (_, s) in enumerate(pieces) if s]
+    [view_at] = [i for i, (name, _) in enumerate(pieces) if torch.ops.aten.view.default in ops_in(getattr(split_gm, name))]
+    # The sizes are read in the piece that uses them, after the splitting op.
+    assert sigmoid_at < view_at
+    view_ops = ops_in(getattr(split_gm, pieces[view_at][0]))
+    assert torch.ops.aten.sym_size.int in view_ops
+    assert max(i for i, op in enumerate(view_ops) if op is torch.ops.aten.sym_size.int) < \
+        view_ops.index(torch.ops.aten.view.default)
+    torch.testing.assert_close(split_gm(x, y), gm(x, y))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layers", [1, 3])
 def test_piece_counters_for_the_decoder(device, layers):
@@ -1282,6 +1424,26 @@ def test_concrete_args_substitute_the_size_and_keep_the_storage_offset():
     # A fresh ShapeEnv: the single-size compile sees plain ints, no symbols.
     assert x.fake_mode is not symbolic[2].fake_mode and not x.fake_mode.shape_env.var_to_range
     assert vcompile.where_is_the_size(symbolic) == (0, None)
+
+
+def test_a_piece_that_returns_no_tensor_compiles_with_the_token_count_known():
+    # An unbacked trace's runtime assert (`u0 >= 0`) alone in a piece: its
+    # only input is the token count, and it returns nothing. Inductor must
+    # be given the ShapeEnv that made u0; it used to find a fresh one.
+    artifacts = []
+
+    def backend(gm, example_inputs):
+        split_gm = split_module(gm, None, lambda n: 0 if vcompile.computes_sizes_only(n) else 1,
+                                keep_original_order=True)
+        piece = split_gm.submod_0
+        assert [type(a) for a in vcompile.fake_args_from_graph(piece)] == [torch.SymInt]
+        artifacts.append(vcompile.CompilerManager().compile(piece, vcompile.fake_args_from_graph(piece), Range(1, 8)))
+        return gm.forward
+
+    x = torch.randn(5, 16)
+    torch._dynamo.decorators.mark_unbacked(x, 0)
+    torch.compile(lambda x: x.sin(), backend=backend, fullgraph=True, dynamic=False)(x)
+    assert list(artifacts[0](5)) == []
 
 
 @pytest.mark.core
@@ -1471,6 +1633,102 @@ def test_jit_mode_traces_the_sizes_the_first_trace_excludes_too():
     for size in range(1, 65):
         x = torch.arange(size, dtype=torch.float32)
         assert torch.equal(fn(x), model(x)), size
+
+
+# The token count used across a split: read before a splitting op, used after
+# it. (model, splitting op, first call's size; each size's inputs below)
+ACROSS_A_SPLIT = {"sym size": (SymSize, "aten::sigmoid", 4), "two inputs": (SymSizeTwoInputs, "aten::sigmoid", 1),
+                  "split after attention": (SplitAfterAttention, "vcompile_test::attn", 4),
+                  "last row": (LastRow, "vcompile_test::attn", 1)}
+
+
+def across_a_split_inputs(name: str, size: int, device: str) -> tuple:
+    generator = torch.Generator().manual_seed(size)
+    inputs = [torch.randn(size, 8 if name.startswith(("sym", "two")) else 16, generator=generator)]
+    if name == "two inputs":
+        inputs.append(torch.randn(size, 8, generator=generator))
+    return tuple(t.to(device) for t in inputs)
+
+
+def child_across_a_split(root: str, device: str) -> dict:
+    """Each model first called at its size, then at every size from 1 to 64:
+    the largest difference from eager, the counters, the log."""
+    results = {}
+    for name, (model_class, op, first_size) in ACROSS_A_SPLIT.items():
+        model, logs, before = model_class(), record_logs(), counter_values()
+        cfg = CompilationConfig(splitting_ops=[op], max_num_batched_tokens=64, compile_ranges_endpoints=[8],
+                                cache_dir=root)
+        fn = vcompile.compile(model, cfg)
+        fn(*across_a_split_inputs(name, first_size, device))
+        logging.getLogger("vcompile").removeHandler(logs)
+        errors = {size: (fn(*inputs) - model(*inputs)).abs().max().item()
+                  for size in range(1, 65) for inputs in [across_a_split_inputs(name, size, device)]}
+        results[name] = {"errors": errors, "logs": logs.lines,
+                         "counters": {k: v - before[k] for k, v in counter_values().items()}}
+    return results
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_token_count_used_across_a_split_keeps_the_unbacked_trace_cold_and_warm(device, tmp_path):
+    cold = run_child("child_across_a_split", root=str(tmp_path), device=device)
+    warm = run_child("child_across_a_split", root=str(tmp_path), device=device)
+    for name in ACROSS_A_SPLIT:
+        assert cold[name]["counters"]["num_unbacked_traces"] == 1 and cold[name]["counters"]["num_backed_traces"] == 0
+        assert not [line for line in cold[name]["logs"] if "cannot be traced unbacked" in line], name
+        assert cold[name]["counters"]["num_aot_artifacts_saved"] == 1, name
+        assert warm[name]["counters"]["num_aot_artifacts_loaded"] == 1, name
+        assert warm[name]["counters"]["num_inductor_compiles"] == warm[name]["counters"]["num_graphs_seen"] == 0
+        for start in (cold, warm):
+            assert sorted(map(int, start[name]["errors"])) == list(range(1, 65)), name
+            assert max(start[name]["errors"].values()) <= TOL[device], name
+    # vLLM's counts for its model: 6 pieces, 3 of them splitting; the 3 others are one compile per entry.
+    for name in ("sym size", "two inputs"):
+        assert cold[name]["counters"]["num_piecewise_graphs_seen"] == 6, name
+        assert cold[name]["counters"]["num_piecewise_capturable_graphs_seen"] == 3, name
+
+
+def test_an_unbacked_trace_torch_cannot_compile_is_traced_backed_with_the_error_named(monkeypatch, caplog, tmp_path):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    backend = vcompile.backend
+
+    def fails_unbacked(gm, example_inputs, **kwargs):  # a stand-in for a bug in torch's unbacked support
+        fakes = vcompile.fake_args_from_graph(gm)
+        if any(str(s).startswith("u") for s in vcompile.size_symbols(fakes)):
+            raise RuntimeError("KeyError: u0")
+        return backend(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(vcompile, "backend", fails_unbacked)
+    model, x = LastRow(), torch.randn(5, 16)
+    fn = vcompile.compile(model, CompilationConfig(splitting_ops=["vcompile_test::attn"], max_num_batched_tokens=64,
+                                                   cache_dir=str(tmp_path)))
+    with counters.expect(num_unbacked_traces=0, num_backed_traces=1, num_aot_artifacts_saved=1):
+        torch.testing.assert_close(fn(x), model(x))
+    [said] = [line for line in messages(caplog) if "cannot be traced unbacked" in line]
+    assert said == ("vcompile: the token count cannot be traced unbacked: torch failed on it (RuntimeError: "
+                    "KeyError: u0); traced backed, every size runs")
+    for size in range(1, 65):
+        x = torch.randn(size, 16)
+        torch.testing.assert_close(fn(x), model(x))
+    [row] = json.loads(cache_command(str(tmp_path), "--json").stdout)
+    assert row["traced"] == "backed" and row["backed_because"] == "torch failed on it (RuntimeError: KeyError: u0)"
+    assert "traced: backed, its guards on the token count kept (not unbacked: torch failed on it" in \
+        cache_command(str(tmp_path)).stdout
+
+
+class RaisesItself(torch.nn.Module):
+    def forward(self, x):
+        if x.dtype != torch.float64:
+            raise ValueError("RaisesItself wants float64")
+        return x * 2
+
+
+def test_the_models_own_error_is_raised_as_eager_raises_it(caplog):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    fn = vcompile.compile(RaisesItself(), CompilationConfig(disable_cache=True, max_num_batched_tokens=64))
+    with pytest.raises(Exception, match="RaisesItself wants float64"):
+        fn(torch.randn(4))
+    assert not [line for line in messages(caplog) if "cannot be traced unbacked" in line]
 
 
 @pytest.mark.core

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 # Copied into another project, the file says which vcompile it is; pyproject
 # reads its version from here.
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 import argparse
 import atexit
@@ -501,14 +501,16 @@ def recorded_factors(cache: CacheDir) -> dict:
 
 def record_trace(cache: CacheDir, **fields) -> None:
     """After a cold start's trace, for the listing: how it was traced
-    ("unbacked" or "backed"), and, with several traces, the sizes each runs."""
+    ("unbacked" or "backed", and why not unbacked), and, with several
+    traces, the sizes each runs. None is not recorded."""
     recorded = recorded_factors(cache)
     if not recorded:
         logger.debug("vcompile: no factors file in %s to record how it was traced", cache.hash_dir)
         return
     try:
         write_atomically(os.path.join(cache.hash_dir, FACTORS_FILE),
-                         json.dumps({**recorded, **fields}, indent=1).encode())
+                         json.dumps({**recorded, **{k: v for k, v in fields.items() if v is not None}},
+                                    indent=1).encode())
     except Exception as e:  # as above
         logger.debug("vcompile: cannot record how %s was traced: %s", cache.hash_dir, describe(e))
 
@@ -755,25 +757,69 @@ def is_splitting_op(node: fx.Node, splitting_ops: list[str]) -> bool:
     return False
 
 
+def traced_value(node: fx.Node) -> Any:
+    """What the node computed while tracing: Dynamo's example_value, make_fx's val."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def computes_sizes_only(node: fx.Node) -> bool:
+    """Arithmetic on sizes (`n - 1`, `n // 2`) and the runtime asserts an
+    unbacked trace records (`u0 >= 0`, first thing in the graph)."""
+    return node.target is torch.ops.aten._assert_scalar.default or (
+        isinstance(traced_value(node), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)))
+
+
 def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphModule, list[tuple[str, bool]]]:
     """Returns the split graph and its pieces in graph order as (name, is_splitting)."""
     piece_of: dict[fx.Node, int] = {}
     splitting_pieces: set[int] = set()
+    sizes_only: list[tuple[fx.Node, int]] = []  # with the piece that was open when they came
     piece, piece_splits = -1, None
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        # A getitem stays with the node it unpacks: a piece may not take a
-        # tuple as input (Inductor and AOTAutograd want flat tensors).
-        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in piece_of:
-            piece_of[node] = piece_of[node.args[0]]
+        # A getitem that unpacks a tuple stays with the node that made it: a
+        # piece may not take a tuple as input (Inductor and AOTAutograd want
+        # flat tensors). One that slices a tensor (`y[n - 1:]`) is an op like
+        # any other: kept with a splitting op, it took `n - 1` from the next
+        # piece, which needs the splitting op's output (a cycle).
+        source = node.args[0] if node.op == "call_function" and node.target is operator.getitem else None
+        if source in piece_of and not isinstance(traced_value(source), torch.Tensor):
+            piece_of[node] = piece_of[source]
             continue
         splits = is_splitting_op(node, splitting_ops)
+        if not splits and computes_sizes_only(node):
+            sizes_only.append((node, piece))
+            continue
         if splits != piece_splits:  # consecutive splitting ops share one piece
             piece, piece_splits = piece + 1, splits
             if splits:
                 splitting_pieces.add(piece)
         piece_of[node] = piece
+    # A size is computed where it is first used, and an assert runs in the
+    # next compiled piece: alone, they made a piece with no tensor in it (an
+    # Inductor compile for each entry, and a call at every step), and sent
+    # the token count across a split. Moved in the graph, never up, since
+    # split_module orders the pieces by where their first node stands.
+    first_node: dict[int, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node in piece_of:
+            first_node.setdefault(piece_of[node], node)
+    compiled = sorted(set(first_node) - splitting_pieces)
+    for node, open_piece in reversed(sizes_only):  # a size's users stand where they go by then
+        users = {user for user in node.users if user in piece_of}
+        later = [p for p in compiled if p > open_piece]
+        if users:
+            before = node.next
+            while before not in users:
+                before = before.next
+        elif open_piece in compiled or not later:
+            piece_of[node] = max(open_piece, 0)
+            continue
+        else:
+            before = first_node[later[0]]
+        before.prepend(node)
+        piece_of[node] = piece_of[before]
     # keep_original_order: in-place ops must not move across one another.
     split_gm = split_module(gm, None, lambda node: piece_of[node], keep_original_order=True)
     pieces = [(f"submod_{i}", i in splitting_pieces) for i in sorted(set(piece_of.values()))]
@@ -1002,7 +1048,14 @@ def inductor_compile(graph: fx.GraphModule, example_inputs: list, entry: Range) 
     """One Inductor compile through torch's standalone entry point. aot=True
     returns an artifact that serializes to bytes and loads without the graph."""
     if not entry.is_single_size():
-        return torch._inductor.standalone_compile(graph, example_inputs, dynamic_shapes="from_graph", aot=True)
+        # Inductor must see the ShapeEnv that made the size symbols. Left to
+        # find it ("from_graph"), it looks in the piece's outputs only, and a
+        # piece that returns no tensor got a fresh one that did not know the
+        # token count: `KeyError: u0` at the first call of an unbacked trace.
+        context = torch._guards.TracingContext(torch._guards.detect_fake_mode(example_inputs))
+        with torch._guards.tracing(context):
+            return torch._inductor.standalone_compile(graph, example_inputs, dynamic_shapes="from_tracing_context",
+                                                      aot=True)
     fake_mode = next((a.fake_mode for a in example_inputs if isinstance(a, FakeTensor)), None)
     # Torch versions differ here. 2.13 takes the fake mode of our concrete
     # arguments; 2.11 builds a fresh one inside standalone_compile that does not
@@ -1766,10 +1819,6 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 
     guards = size_guards(fakes)  # Dynamo's alone: before any compile adds others
     traced = "unbacked" if any(symbol_is_type(s, SymT.UNBACKED_INT) for s in size_symbols(fakes)) else "backed"
-    if traced == "unbacked":
-        counters.num_unbacked_traces += 1
-    else:
-        counters.num_backed_traces += 1
     split_gm, pieces = split_graph(gm, config.splitting_ops)
     counters.num_piecewise_graphs_seen += len(pieces)
     compile_names = [name for name, is_splitting in pieces if not is_splitting]
@@ -1816,6 +1865,9 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
         state["code"], state["consts"] = generate_execution_code(split_gm, compile_names)
     else:
         state["split_graph"] = dump_split_graph(split_gm)
+    # Counted once it compiled: an unbacked attempt that failed is traced again (section 12).
+    counters.num_unbacked_traces += traced == "unbacked"
+    counters.num_backed_traces += traced == "backed"
     return VcompileFunction(state, link(state, live, split_gm))
 
 
@@ -2174,7 +2226,8 @@ class CompiledModel:
         if self.cache is None or not self.cache.writable or pieces_dir is not None:
             return aot_fn
         if trace == 0:
-            record_trace(self.cache, traced=self.compiled_fn.state["traced"])
+            record_trace(self.cache, traced=self.compiled_fn.state["traced"],
+                         backed_because=self.compiled_fn.state.get("backed_because"))
         installed = installed_globals(aot_fn, module_globals)
         saved = save_aot_artifact(self.cache, aot_fn, self.model, installed, self.device, self.compiled_fn.state,
                                   trace)
@@ -2212,7 +2265,7 @@ class CompiledModel:
             args, kwargs, dims, trace, at, serves, pieces_dir))
         self.fn = self._dispatch([first, *later], dims)
         if self.cache is not None and self.cache.writable and not warm:
-            record_trace(self.cache, traced=state["traced"])
+            record_trace(self.cache, traced=state["traced"], backed_because=state.get("backed_because"))
         if warm:
             mark_loaded(self.cache)
         return self.fn(*args, **kwargs) if rerun else out
@@ -2222,20 +2275,29 @@ class CompiledModel:
         return aot_trace(aot_fn, self.compiled_fn.state, loaded=False)
 
     def _unbacked_else_backed(self, trace: Callable[[bool], Any]):
-        """trace(unbacked=True), or, where the model decides something on the
-        token count, trace(unbacked=False), saying where and what it costs."""
+        """trace(unbacked=True), or, where that fails before the backend has
+        returned, trace(unbacked=False), saying why and what it costs. The
+        usual why: the model decides something on the token count. Any other
+        failure is retried too (torch's support for unbacked sizes is newer
+        than the backed trace every model ran with before 0.3.0); the model's
+        own error fails the backed trace as well, and that is what is raised.
+        A failure after the backend returned is not retried: in JIT mode the
+        model has already run."""
+        self.compiled_fn = None
         try:
             return trace(True)
         except Exception as e:
-            decided = data_dependent_decision(e)
-            if decided is None:
+            if self.compiled_fn is not None:
                 raise
+            decided = data_dependent_decision(e)
+            why = f"the model decides {decided}" if decided else f"torch failed on it ({describe(e)})"
+        self.cache_failed = False  # set by the failed attempt; a cache problem fails the backed one too
         result = trace(False)
         table = self.compiled_fn.state["size_table"]
         refused = [size for size, index in enumerate(table) if index == GUARD_FAILS]
-        logger.info("vcompile: the token count cannot be traced unbacked: the model decides %s; traced backed, "
-                    "%s", decided, f"its guards exclude sizes {sizes_in_words(refused)}" if refused else
-                    "every size runs")
+        logger.info("vcompile: the token count cannot be traced unbacked: %s; traced backed, %s", why,
+                    f"its guards exclude sizes {sizes_in_words(refused)}" if refused else "every size runs")
+        self.compiled_fn.state["backed_because"] = why
         return result
 
     def _torch_compile(self, pieces_dir: str | None, serves: list[bool] | None = None):
@@ -2545,6 +2607,7 @@ def cache_listing(root: str) -> list[dict]:
             "model": factors.get("model"),
             "vcompile": factors.get("vcompile_version"),  # None: written before 0.2.0
             "traced": factors.get("traced"),  # "unbacked" or "backed" (section 12); None: not yet, or before 0.2.0
+            "backed_because": factors.get("backed_because"),  # why not unbacked, where it was tried
             "trace_sizes": factors.get("trace_sizes"),  # the sizes each trace runs, where there are several
             "torch": (factors.get("torch") or [None])[0],
             "device": factors.get("device"),
@@ -2640,7 +2703,8 @@ def print_listing(root: str, rows: list[dict]) -> None:
             print(f"    compile entries: {', '.join(row['compile_entries'])}")
             if row["traced"] is not None:
                 print("    traced: " + {"unbacked": "unbacked, no guard on the token count",
-                                        "backed": "backed, its guards on the token count kept"}[row["traced"]])
+                                        "backed": "backed, its guards on the token count kept"}[row["traced"]]
+                      + (f" (not unbacked: {row['backed_because']})" if row["backed_because"] else ""))
             for i, sizes in enumerate(row["trace_sizes"] or []):
                 print(f"    trace {i + 1} runs sizes {sizes}")
         print(f"    warm start from: {', '.join(row['artifacts']) or 'no AOT artifact'}")
