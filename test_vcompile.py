@@ -1552,205 +1552,6 @@ def test_the_size_table_keeps_only_guards_on_the_token_count(caplog):
     assert vcompile.size_guards(vcompile.fake_args_from_graph(gm)) == [("size <= 42", "")]
 
 
-def child_guarded(root: str, device: str) -> dict:
-    """Each guarded model, first called at its size, then at every size from
-    1 to one past the token budget: the outputs, or the error each size
-    raised. A root each: the same model first called at another size."""
-    results = {}
-    for name, (model_class, first_size, *_) in GUARDED.items():
-        model, logs, first = model_class(), record_logs(), counter_values()
-        root_of_model = os.path.join(root, name.replace(" ", "-"))
-        fn = vcompile.compile(model, CompilationConfig(cache_dir=root_of_model, **GUARD_CONFIG))
-        fn(torch.arange(first_size, dtype=torch.float32, device=device))
-        logging.getLogger("vcompile").removeHandler(logs)
-        before, files = counter_values(), snapshot(root_of_model)
-        errors, refused = {}, {}
-        for size in range(1, 66):
-            x = torch.arange(size, dtype=torch.float32, device=device)
-            try:
-                errors[size] = (fn(x) - model(x)).abs().max().item()
-            except ValueError as e:
-                refused[size] = str(e)
-        results[name] = {"errors": errors, "refused": refused, "unchanged": counter_values() == before
-                         and snapshot(root_of_model) == files, "logs": logs.lines,
-                         "counters": {k: v - first[k] for k, v in before.items()}}
-    return {"models": results, "counters": counter_values()}
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_sizes_the_first_trace_excludes_get_traces_of_their_own_cold_and_warm(device, tmp_path):
-    cold = run_child("child_guarded", root=str(tmp_path), device=device)
-    warm = run_child("child_guarded", root=str(tmp_path), device=device)
-    traces = sum(spec[5] for spec in GUARDED.values())
-    assert_counters(cold, num_aot_artifacts_saved=traces, num_extra_traces=traces - len(GUARDED))
-    assert_counters(warm, num_aot_artifacts_loaded=traces, num_graphs_seen=0, num_inductor_compiles=0)
-    for name, (_, _, _, traced, _, n) in GUARDED.items():
-        # An unbacked attempt that fails makes no graph; a later trace is backed.
-        assert cold["models"][name]["counters"]["num_unbacked_traces"] == (traced == "unbacked"), name
-        assert cold["models"][name]["counters"]["num_backed_traces"] == n - (traced == "unbacked"), name
-        fell_back = [line for line in cold["models"][name]["logs"] if "cannot be traced unbacked" in line]
-        assert len(fell_back) == (traced == "backed"), name
-        separately = [line for line in cold["models"][name]["logs"] if "traced separately" in line]
-        assert len(separately) == n - 1, (name, separately)
-    line = inspect.getsourcelines(Branches.forward)[1] + 1
-    # Dynamo names the file by a path it shortens, which depends on where the repository lies.
-    where = r"`if x\.size\(\)\[0\] >= 4:  # \S*test_vcompile\.py:" + str(line) + " in forward`"
-    logs = cold["models"]["branches"]["logs"]
-    [fell_back] = [line for line in logs if "unbacked" in line]
-    assert re.fullmatch(r"INFO vcompile: the token count cannot be traced unbacked: the model decides `size >= 4` "
-                        rf"at {where}; traced backed, its guards exclude sizes 1 to 3", fell_back), fell_back
-    [separately] = [line for line in logs if "separately" in line]
-    assert re.fullmatch(rf"INFO vcompile: sizes 1 to 3 fail the size guard `size >= 4` that tracing recorded at {where}: "
-                        r"traced separately at 2, which runs sizes 1 to 3", separately), separately
-    # torch._check(x.shape[0] <= 42) traced backed at 43 fails as eager fails: said once, cold; not traced warm.
-    [failed] = [line for line in cold["models"]["checked branches"]["logs"] if "stay refused" in line]
-    assert failed.startswith("INFO vcompile: sizes 43 to 64 fail the size guard `size <= 42`")
-    assert failed.endswith("): sizes 43 to 64, which fail that guard, stay refused")
-    assert "a trace of their own at 43 failed (" in failed
-    assert not [line for line in warm["models"]["checked branches"]["logs"] if "stay refused" in line]
-    # One failed trace gives up every size that fails its guard: here every odd size.
-    [failed] = [line for line in cold["models"]["even checked branches"]["logs"] if "stay refused" in line]
-    assert failed.endswith("): sizes 1, 3, 5, 7, 9, ... (32 sizes), 63, which fail that guard, stay refused")
-    for start in (cold, warm):
-        for name, result in start["models"].items():
-            assert sorted(map(int, result["errors"])) == list(GUARDED[name][4]), name
-            assert max(result["errors"].values()) == 0.0, name  # the branch eager takes at every size
-            for size, message in result["refused"].items():
-                expected = "outside every compile range" if size == "65" else f"fails the size guard `{GUARDED[name][2]}`"
-                assert f"vcompile: size {size} " in message and expected in message, (name, size, message)
-            assert result["unchanged"], name  # nothing traced or compiled after the first call; a refusal wrote nothing
-    assert "holds for sizes 1 to 42" in warm["models"]["checked"]["refused"]["43"]
-    assert "holds for sizes 1 to 42" in warm["models"]["checked branches"]["refused"]["43"]
-    listing = {row["model"]: row for row in json.loads(cache_command(str(tmp_path / "even"), "--json").stdout)}
-    assert listing["test_vcompile.EvenOnly"]["trace_sizes"] == ["2, 4, 6, 8, 10, ... (32 sizes), 64",
-                                                                 "1, 3, 5, 7, 9, ... (32 sizes), 63"]
-    assert sorted(listing["test_vcompile.EvenOnly"]["artifacts"]) == ["rank_0_0/model", "rank_0_0/model.trace1"]
-
-
-def test_jit_mode_traces_the_sizes_the_first_trace_excludes_too():
-    model = Branches()
-    fn = vcompile.compile(model, CompilationConfig(disable_cache=True, use_aot=False, **GUARD_CONFIG))
-    with counters.expect(num_backed_traces=2, num_extra_traces=1, num_aot_artifacts_saved=0):
-        fn(torch.arange(4, dtype=torch.float32))
-    for size in range(1, 65):
-        x = torch.arange(size, dtype=torch.float32)
-        assert torch.equal(fn(x), model(x)), size
-
-
-# The token count used across a split: read before a splitting op, used after
-# it. (model, splitting op, first call's size; each size's inputs below)
-ACROSS_A_SPLIT = {"sym size": (SymSize, "aten::sigmoid", 4), "two inputs": (SymSizeTwoInputs, "aten::sigmoid", 1),
-                  "split after attention": (SplitAfterAttention, "vcompile_test::attn", 4),
-                  "last row": (LastRow, "vcompile_test::attn", 1)}
-
-
-def across_a_split_inputs(name: str, size: int, device: str) -> tuple:
-    generator = torch.Generator().manual_seed(size)
-    inputs = [torch.randn(size, 8 if name.startswith(("sym", "two")) else 16, generator=generator)]
-    if name == "two inputs":
-        inputs.append(torch.randn(size, 8, generator=generator))
-    return tuple(t.to(device) for t in inputs)
-
-
-def child_across_a_split(root: str, device: str) -> dict:
-    """Each model first called at its size, then at every size from 1 to 64:
-    the largest difference from eager, the counters, the log."""
-    results = {}
-    for name, (model_class, op, first_size) in ACROSS_A_SPLIT.items():
-        model, logs, before = model_class(), record_logs(), counter_values()
-        cfg = CompilationConfig(splitting_ops=[op], max_num_batched_tokens=64, compile_ranges_endpoints=[8],
-                                cache_dir=root)
-        fn = vcompile.compile(model, cfg)
-        fn(*across_a_split_inputs(name, first_size, device))
-        logging.getLogger("vcompile").removeHandler(logs)
-        errors = {size: (fn(*inputs) - model(*inputs)).abs().max().item()
-                  for size in range(1, 65) for inputs in [across_a_split_inputs(name, size, device)]}
-        results[name] = {"errors": errors, "logs": logs.lines,
-                         "counters": {k: v - before[k] for k, v in counter_values().items()}}
-    return results
-
-
-@pytest.mark.core
-@pytest.mark.parametrize("device", DEVICES)
-def test_the_token_count_used_across_a_split_keeps_the_unbacked_trace_cold_and_warm(device, tmp_path):
-    cold = run_child("child_across_a_split", root=str(tmp_path), device=device)
-    warm = run_child("child_across_a_split", root=str(tmp_path), device=device)
-    for name in ACROSS_A_SPLIT:
-        assert cold[name]["counters"]["num_unbacked_traces"] == 1 and cold[name]["counters"]["num_backed_traces"] == 0
-        assert not [line for line in cold[name]["logs"] if "cannot be traced unbacked" in line], name
-        assert cold[name]["counters"]["num_aot_artifacts_saved"] == 1, name
-        assert warm[name]["counters"]["num_aot_artifacts_loaded"] == 1, name
-        assert warm[name]["counters"]["num_inductor_compiles"] == warm[name]["counters"]["num_graphs_seen"] == 0
-        for start in (cold, warm):
-            assert sorted(map(int, start[name]["errors"])) == list(range(1, 65)), name
-            assert max(start[name]["errors"].values()) <= TOL[device], name
-    # vLLM's counts for its model: 6 pieces, 3 of them splitting; the 3 others are one compile per entry.
-    for name in ("sym size", "two inputs"):
-        assert cold[name]["counters"]["num_piecewise_graphs_seen"] == 6, name
-        assert cold[name]["counters"]["num_piecewise_capturable_graphs_seen"] == 3, name
-
-
-def test_an_unbacked_trace_torch_cannot_compile_is_traced_backed_with_the_error_named(monkeypatch, caplog, tmp_path):
-    caplog.set_level(logging.INFO, logger="vcompile")
-    backend = vcompile.backend
-
-    def fails_unbacked(gm, example_inputs, **kwargs):  # a stand-in for a bug in torch's unbacked support
-        fakes = vcompile.fake_args_from_graph(gm)
-        if any(str(s).startswith("u") for s in vcompile.size_symbols(fakes)):
-            raise RuntimeError("KeyError: u0")
-        return backend(gm, example_inputs, **kwargs)
-
-    monkeypatch.setattr(vcompile, "backend", fails_unbacked)
-    model, x = LastRow(), torch.randn(5, 16)
-    fn = vcompile.compile(model, CompilationConfig(splitting_ops=["vcompile_test::attn"], max_num_batched_tokens=64,
-                                                   cache_dir=str(tmp_path)))
-    with counters.expect(num_unbacked_traces=0, num_backed_traces=1, num_aot_artifacts_saved=1):
-        torch.testing.assert_close(fn(x), model(x))
-    [said] = [line for line in messages(caplog) if "cannot be traced unbacked" in line]
-    assert said == ("vcompile: the token count cannot be traced unbacked: torch failed on it (RuntimeError: "
-                    "KeyError: u0); traced backed, every size runs")
-    for size in range(1, 65):
-        x = torch.randn(size, 16)
-        torch.testing.assert_close(fn(x), model(x))
-    [row] = json.loads(cache_command(str(tmp_path), "--json").stdout)
-    assert row["traced"] == "backed" and row["backed_because"] == "torch failed on it (RuntimeError: KeyError: u0)"
-    assert "traced: backed, its guards on the token count kept (not unbacked: torch failed on it" in \
-        cache_command(str(tmp_path)).stdout
-
-
-class RaisesItself(torch.nn.Module):
-    def forward(self, x):
-        if x.dtype != torch.float64:
-            raise ValueError("RaisesItself wants float64")
-        return x * 2
-
-
-def test_the_models_own_error_is_raised_as_eager_raises_it(caplog):
-    caplog.set_level(logging.INFO, logger="vcompile")
-    fn = vcompile.compile(RaisesItself(), CompilationConfig(disable_cache=True, max_num_batched_tokens=64))
-    with pytest.raises(Exception, match="RaisesItself wants float64"):
-        fn(torch.randn(4))
-    assert not [line for line in messages(caplog) if "cannot be traced unbacked" in line]
-
-
-@pytest.mark.core
-def test_a_model_past_max_traces_is_refused_at_the_sizes_left_with_the_bound_named(caplog):
-    caplog.set_level(logging.WARNING, logger="vcompile")
-    model = EvenOnly()
-    fn = vcompile.compile(model, CompilationConfig(disable_cache=True, max_traces=1, **GUARD_CONFIG))
-    x = torch.arange(6, dtype=torch.float32)
-    assert torch.equal(fn(x), model(x))
-    with pytest.raises(ValueError, match=r"size 3 fails the size guard `\(size % 2\) == 0`.* it has no trace of its "
-                                         r"own: a model gets at most CompilationConfig.max_traces=1 traces, raise it"):
-        fn(torch.arange(3, dtype=torch.float32))
-    [said] = messages(caplog)
-    assert said.startswith("vcompile: size 1 fails the size guard `(size % 2) == 0` that tracing recorded at `if x.")
-    assert said.endswith("a trace of their own would pass CompilationConfig.max_traces=1: sizes 1, 3, 5, 7, 9, "
-                         "... (32 sizes), 63 stay refused")
-    with pytest.raises(ValueError, match="max_traces must be a positive int, got 0"):
-        CompilationConfig(max_traces=0)
-
-
 # =============================================================================
 # 7. Compiler manager and the in-memory cache (vLLM PR 41023)
 # =============================================================================
@@ -2405,7 +2206,7 @@ def test_the_backend_compiles_every_piece_and_returns_a_saveable_function(device
 
 
 # =============================================================================
-# 12. The first call: load, or compile and save, or trace
+# 12. The first call: load, or compile and save, or trace (JIT)
 # =============================================================================
 
 
@@ -2515,7 +2316,285 @@ def test_threads_making_the_first_call_at_once_get_one_compile_or_load(device, c
         assert not result["later_call_blocked"]  # after the first call, no lock
 
 
-# --- prepare(): compile before the first request, while the weights load -----
+def failing_in_the_folder(when: str):
+    """vcompile.backend, failing as a full disk fails it when it compiles
+    into a writable cache folder: "first" at every trace, "later" at the
+    later traces only, "always" wherever it compiles."""
+    real = vcompile.backend
+
+    def backend(gm, example_inputs, **kwargs):
+        in_folder = kwargs.get("shared_dir") is not None
+        if when == "always" or in_folder and (when == "first" or kwargs.get("serves") is not None):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(gm, example_inputs, **kwargs)
+    return backend
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("when", ["first", "later"])
+def test_a_compile_that_cannot_write_the_cache_folder_compiles_again_without_it(when, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="vcompile")
+    monkeypatch.setattr(vcompile, "backend", failing_in_the_folder(when))
+    model = Branches()
+    fn = vcompile.compile(model, CompilationConfig(cache_dir=str(tmp_path), **GUARD_CONFIG))
+    fn(torch.arange(4, dtype=torch.float32))
+    for size in range(1, 65):
+        x = torch.arange(size, dtype=torch.float32)
+        assert torch.equal(fn(x), model(x)), size
+    [said] = messages(caplog)
+    assert re.fullmatch(r"vcompile: compiling into the cache folder \S+ failed \(OSError: \[Errno 28\] No space left "
+                        r"on device\); compiling again without the cache, saving nothing", said), said
+    # Nothing of the second compile went to the folder, and no size was recorded as one the model cannot run.
+    saved = sorted(os.path.basename(f) for f in files_under(tmp_path) if "rank_0_0" in f)
+    assert saved == ([] if when == "first" else ["model", "model.py"]), saved
+    assert "untraceable" not in json.loads(next(tmp_path.glob("torch_aot_compile/*/" + vcompile.FACTORS_FILE)).read_text())
+    # A compile that fails wherever it runs fails the call, after the one retry.
+    monkeypatch.setattr(vcompile, "backend", failing_in_the_folder("always"))
+    caplog.clear()
+    with pytest.raises(OSError, match="No space left on device"):
+        vcompile.compile(EvenOnly(), CompilationConfig(cache_dir=str(tmp_path), **GUARD_CONFIG))(torch.ones(4))
+    assert len(messages(caplog)) == 1
+
+
+def child_full_disk(root: str, device: str) -> dict:
+    logs = record_logs()
+    model = Branches()
+    fn = vcompile.compile(model, CompilationConfig(cache_dir=root, **GUARD_CONFIG))
+    fn(torch.arange(4, dtype=torch.float32, device=device))
+    errors = {}
+    for size in range(1, 65):
+        x = torch.arange(size, dtype=torch.float32, device=device)
+        errors[size] = (fn(x) - model(x)).abs().max().item()
+    return {"errors": errors, "logs": logs.lines, "counters": counter_values()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cold_start_on_a_full_disk_runs_the_model(device, tmp_path):
+    # The root on a file system of 64 KiB, private to the child: Inductor's
+    # first writes into the cache folder fail with ENOSPC.
+    if not bench.read_only_by_mount():
+        pytest.skip("needs a mount namespace (root) for a small file system")
+    full = run_child("child_full_disk", root=str(tmp_path / "vcompile"), device=device, full_disk=str(tmp_path))
+    assert full["errors"] == {str(size): 0.0 for size in range(1, 65)}  # the branch eager takes at every size
+    warnings = [line for line in full["logs"] if line.startswith("WARNING")]
+    # Which write fails first (a kernel's source, g++'s output) varies: the line names the folder and the failure.
+    assert len(warnings) == 1 and re.fullmatch(r"WARNING vcompile: compiling into the cache folder \S+ failed \(.+\); "
+                                               r"compiling again without the cache, saving nothing", warnings[0]), warnings
+    assert_counters(full, num_aot_artifacts_saved=0, num_extra_traces=1)
+
+
+# =============================================================================
+# 13. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
+# =============================================================================
+
+
+# The token count used across a split: read before a splitting op, used after
+# it. (model, splitting op, first call's size; each size's inputs below)
+ACROSS_A_SPLIT = {"sym size": (SymSize, "aten::sigmoid", 4), "two inputs": (SymSizeTwoInputs, "aten::sigmoid", 1),
+                  "split after attention": (SplitAfterAttention, "vcompile_test::attn", 4),
+                  "last row": (LastRow, "vcompile_test::attn", 1)}
+
+
+def across_a_split_inputs(name: str, size: int, device: str) -> tuple:
+    generator = torch.Generator().manual_seed(size)
+    inputs = [torch.randn(size, 8 if name.startswith(("sym", "two")) else 16, generator=generator)]
+    if name == "two inputs":
+        inputs.append(torch.randn(size, 8, generator=generator))
+    return tuple(t.to(device) for t in inputs)
+
+
+def child_across_a_split(root: str, device: str) -> dict:
+    """Each model first called at its size, then at every size from 1 to 64:
+    the largest difference from eager, the counters, the log."""
+    results = {}
+    for name, (model_class, op, first_size) in ACROSS_A_SPLIT.items():
+        model, logs, before = model_class(), record_logs(), counter_values()
+        cfg = CompilationConfig(splitting_ops=[op], max_num_batched_tokens=64, compile_ranges_endpoints=[8],
+                                cache_dir=root)
+        fn = vcompile.compile(model, cfg)
+        fn(*across_a_split_inputs(name, first_size, device))
+        logging.getLogger("vcompile").removeHandler(logs)
+        errors = {size: (fn(*inputs) - model(*inputs)).abs().max().item()
+                  for size in range(1, 65) for inputs in [across_a_split_inputs(name, size, device)]}
+        results[name] = {"errors": errors, "logs": logs.lines,
+                         "counters": {k: v - before[k] for k, v in counter_values().items()}}
+    return results
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_token_count_used_across_a_split_keeps_the_unbacked_trace_cold_and_warm(device, tmp_path):
+    cold = run_child("child_across_a_split", root=str(tmp_path), device=device)
+    warm = run_child("child_across_a_split", root=str(tmp_path), device=device)
+    for name in ACROSS_A_SPLIT:
+        assert cold[name]["counters"]["num_unbacked_traces"] == 1 and cold[name]["counters"]["num_backed_traces"] == 0
+        assert not [line for line in cold[name]["logs"] if "cannot be traced unbacked" in line], name
+        assert cold[name]["counters"]["num_aot_artifacts_saved"] == 1, name
+        assert warm[name]["counters"]["num_aot_artifacts_loaded"] == 1, name
+        assert warm[name]["counters"]["num_inductor_compiles"] == warm[name]["counters"]["num_graphs_seen"] == 0
+        for start in (cold, warm):
+            assert sorted(map(int, start[name]["errors"])) == list(range(1, 65)), name
+            assert max(start[name]["errors"].values()) <= TOL[device], name
+    # vLLM's counts for its model: 6 pieces, 3 of them splitting; the 3 others are one compile per entry.
+    for name in ("sym size", "two inputs"):
+        assert cold[name]["counters"]["num_piecewise_graphs_seen"] == 6, name
+        assert cold[name]["counters"]["num_piecewise_capturable_graphs_seen"] == 3, name
+
+
+def test_an_unbacked_trace_torch_cannot_compile_is_traced_backed_with_the_error_named(monkeypatch, caplog, tmp_path):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    backend = vcompile.backend
+
+    def fails_unbacked(gm, example_inputs, **kwargs):  # a stand-in for a bug in torch's unbacked support
+        fakes = vcompile.fake_args_from_graph(gm)
+        if any(str(s).startswith("u") for s in vcompile.size_symbols(fakes)):
+            raise RuntimeError("KeyError: u0")
+        return backend(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(vcompile, "backend", fails_unbacked)
+    model, x = LastRow(), torch.randn(5, 16)
+    fn = vcompile.compile(model, CompilationConfig(splitting_ops=["vcompile_test::attn"], max_num_batched_tokens=64,
+                                                   cache_dir=str(tmp_path)))
+    with counters.expect(num_unbacked_traces=0, num_backed_traces=1, num_aot_artifacts_saved=1):
+        torch.testing.assert_close(fn(x), model(x))
+    [said] = [line for line in messages(caplog) if "cannot be traced unbacked" in line]
+    assert said == ("vcompile: the token count cannot be traced unbacked: torch failed on it (RuntimeError: "
+                    "KeyError: u0); traced backed, every size runs")
+    for size in range(1, 65):
+        x = torch.randn(size, 16)
+        torch.testing.assert_close(fn(x), model(x))
+    [row] = json.loads(cache_command(str(tmp_path), "--json").stdout)
+    assert row["traced"] == "backed" and row["backed_because"] == "torch failed on it (RuntimeError: KeyError: u0)"
+    assert "traced: backed, its guards on the token count kept (not unbacked: torch failed on it" in \
+        cache_command(str(tmp_path)).stdout
+
+
+class RaisesItself(torch.nn.Module):
+    def forward(self, x):
+        if x.dtype != torch.float64:
+            raise ValueError("RaisesItself wants float64")
+        return x * 2
+
+
+def test_the_models_own_error_is_raised_as_eager_raises_it(caplog):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    fn = vcompile.compile(RaisesItself(), CompilationConfig(disable_cache=True, max_num_batched_tokens=64))
+    with pytest.raises(Exception, match="RaisesItself wants float64"):
+        fn(torch.randn(4))
+    assert not [line for line in messages(caplog) if "cannot be traced unbacked" in line]
+
+
+# =============================================================================
+# 14. Sizes the first trace excludes: later traces
+# =============================================================================
+
+
+def child_guarded(root: str, device: str) -> dict:
+    """Each guarded model, first called at its size, then at every size from
+    1 to one past the token budget: the outputs, or the error each size
+    raised. A root each: the same model first called at another size."""
+    results = {}
+    for name, (model_class, first_size, *_) in GUARDED.items():
+        model, logs, first = model_class(), record_logs(), counter_values()
+        root_of_model = os.path.join(root, name.replace(" ", "-"))
+        fn = vcompile.compile(model, CompilationConfig(cache_dir=root_of_model, **GUARD_CONFIG))
+        fn(torch.arange(first_size, dtype=torch.float32, device=device))
+        logging.getLogger("vcompile").removeHandler(logs)
+        before, files = counter_values(), snapshot(root_of_model)
+        errors, refused = {}, {}
+        for size in range(1, 66):
+            x = torch.arange(size, dtype=torch.float32, device=device)
+            try:
+                errors[size] = (fn(x) - model(x)).abs().max().item()
+            except ValueError as e:
+                refused[size] = str(e)
+        results[name] = {"errors": errors, "refused": refused, "unchanged": counter_values() == before
+                         and snapshot(root_of_model) == files, "logs": logs.lines,
+                         "counters": {k: v - first[k] for k, v in before.items()}}
+    return {"models": results, "counters": counter_values()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sizes_the_first_trace_excludes_get_traces_of_their_own_cold_and_warm(device, tmp_path):
+    cold = run_child("child_guarded", root=str(tmp_path), device=device)
+    warm = run_child("child_guarded", root=str(tmp_path), device=device)
+    traces = sum(spec[5] for spec in GUARDED.values())
+    assert_counters(cold, num_aot_artifacts_saved=traces, num_extra_traces=traces - len(GUARDED))
+    assert_counters(warm, num_aot_artifacts_loaded=traces, num_graphs_seen=0, num_inductor_compiles=0)
+    for name, (_, _, _, traced, _, n) in GUARDED.items():
+        # An unbacked attempt that fails makes no graph; a later trace is backed.
+        assert cold["models"][name]["counters"]["num_unbacked_traces"] == (traced == "unbacked"), name
+        assert cold["models"][name]["counters"]["num_backed_traces"] == n - (traced == "unbacked"), name
+        fell_back = [line for line in cold["models"][name]["logs"] if "cannot be traced unbacked" in line]
+        assert len(fell_back) == (traced == "backed"), name
+        separately = [line for line in cold["models"][name]["logs"] if "traced separately" in line]
+        assert len(separately) == n - 1, (name, separately)
+    line = inspect.getsourcelines(Branches.forward)[1] + 1
+    # Dynamo names the file by a path it shortens, which depends on where the repository lies.
+    where = r"`if x\.size\(\)\[0\] >= 4:  # \S*test_vcompile\.py:" + str(line) + " in forward`"
+    logs = cold["models"]["branches"]["logs"]
+    [fell_back] = [line for line in logs if "unbacked" in line]
+    assert re.fullmatch(r"INFO vcompile: the token count cannot be traced unbacked: the model decides `size >= 4` "
+                        rf"at {where}; traced backed, its guards exclude sizes 1 to 3", fell_back), fell_back
+    [separately] = [line for line in logs if "separately" in line]
+    assert re.fullmatch(rf"INFO vcompile: sizes 1 to 3 fail the size guard `size >= 4` that tracing recorded at {where}: "
+                        r"traced separately at 2, which runs sizes 1 to 3", separately), separately
+    # torch._check(x.shape[0] <= 42) traced backed at 43 fails as eager fails: said once, cold; not traced warm.
+    [failed] = [line for line in cold["models"]["checked branches"]["logs"] if "stay refused" in line]
+    assert failed.startswith("INFO vcompile: sizes 43 to 64 fail the size guard `size <= 42`")
+    assert failed.endswith("): sizes 43 to 64, which fail that guard, stay refused")
+    assert "a trace of their own at 43 failed (" in failed
+    assert not [line for line in warm["models"]["checked branches"]["logs"] if "stay refused" in line]
+    # One failed trace gives up every size that fails its guard: here every odd size.
+    [failed] = [line for line in cold["models"]["even checked branches"]["logs"] if "stay refused" in line]
+    assert failed.endswith("): sizes 1, 3, 5, 7, 9, ... (32 sizes), 63, which fail that guard, stay refused")
+    for start in (cold, warm):
+        for name, result in start["models"].items():
+            assert sorted(map(int, result["errors"])) == list(GUARDED[name][4]), name
+            assert max(result["errors"].values()) == 0.0, name  # the branch eager takes at every size
+            for size, message in result["refused"].items():
+                expected = "outside every compile range" if size == "65" else f"fails the size guard `{GUARDED[name][2]}`"
+                assert f"vcompile: size {size} " in message and expected in message, (name, size, message)
+            assert result["unchanged"], name  # nothing traced or compiled after the first call; a refusal wrote nothing
+    assert "holds for sizes 1 to 42" in warm["models"]["checked"]["refused"]["43"]
+    assert "holds for sizes 1 to 42" in warm["models"]["checked branches"]["refused"]["43"]
+    listing = {row["model"]: row for row in json.loads(cache_command(str(tmp_path / "even"), "--json").stdout)}
+    assert listing["test_vcompile.EvenOnly"]["trace_sizes"] == ["2, 4, 6, 8, 10, ... (32 sizes), 64",
+                                                                 "1, 3, 5, 7, 9, ... (32 sizes), 63"]
+    assert sorted(listing["test_vcompile.EvenOnly"]["artifacts"]) == ["rank_0_0/model", "rank_0_0/model.trace1"]
+
+
+def test_jit_mode_traces_the_sizes_the_first_trace_excludes_too():
+    model = Branches()
+    fn = vcompile.compile(model, CompilationConfig(disable_cache=True, use_aot=False, **GUARD_CONFIG))
+    with counters.expect(num_backed_traces=2, num_extra_traces=1, num_aot_artifacts_saved=0):
+        fn(torch.arange(4, dtype=torch.float32))
+    for size in range(1, 65):
+        x = torch.arange(size, dtype=torch.float32)
+        assert torch.equal(fn(x), model(x)), size
+
+
+@pytest.mark.core
+def test_a_model_past_max_traces_is_refused_at_the_sizes_left_with_the_bound_named(caplog):
+    caplog.set_level(logging.WARNING, logger="vcompile")
+    model = EvenOnly()
+    fn = vcompile.compile(model, CompilationConfig(disable_cache=True, max_traces=1, **GUARD_CONFIG))
+    x = torch.arange(6, dtype=torch.float32)
+    assert torch.equal(fn(x), model(x))
+    with pytest.raises(ValueError, match=r"size 3 fails the size guard `\(size % 2\) == 0`.* it has no trace of its "
+                                         r"own: a model gets at most CompilationConfig.max_traces=1 traces, raise it"):
+        fn(torch.arange(3, dtype=torch.float32))
+    [said] = messages(caplog)
+    assert said.startswith("vcompile: size 1 fails the size guard `(size % 2) == 0` that tracing recorded at `if x.")
+    assert said.endswith("a trace of their own would pass CompilationConfig.max_traces=1: sizes 1, 3, 5, 7, 9, "
+                         "... (32 sizes), 63 stay refused")
+    with pytest.raises(ValueError, match="max_traces must be a positive int, got 0"):
+        CompilationConfig(max_traces=0)
+
+
+# =============================================================================
+# 15. Compiling at start-up (prepare)
+# =============================================================================
 
 
 def child_prepared(root: str, device: str, background: bool) -> dict:
@@ -2594,75 +2673,8 @@ def test_prepare_twice_or_beside_a_first_call_compiles_once():
         assert len(outs) == 2 and all(torch.allclose(out, model(x)) for out in outs)
 
 
-def failing_in_the_folder(when: str):
-    """vcompile.backend, failing as a full disk fails it when it compiles
-    into a writable cache folder: "first" at every trace, "later" at the
-    later traces only, "always" wherever it compiles."""
-    real = vcompile.backend
-
-    def backend(gm, example_inputs, **kwargs):
-        in_folder = kwargs.get("shared_dir") is not None
-        if when == "always" or in_folder and (when == "first" or kwargs.get("serves") is not None):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(gm, example_inputs, **kwargs)
-    return backend
-
-
-@pytest.mark.core
-@pytest.mark.parametrize("when", ["first", "later"])
-def test_a_compile_that_cannot_write_the_cache_folder_compiles_again_without_it(when, tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.WARNING, logger="vcompile")
-    monkeypatch.setattr(vcompile, "backend", failing_in_the_folder(when))
-    model = Branches()
-    fn = vcompile.compile(model, CompilationConfig(cache_dir=str(tmp_path), **GUARD_CONFIG))
-    fn(torch.arange(4, dtype=torch.float32))
-    for size in range(1, 65):
-        x = torch.arange(size, dtype=torch.float32)
-        assert torch.equal(fn(x), model(x)), size
-    [said] = messages(caplog)
-    assert re.fullmatch(r"vcompile: compiling into the cache folder \S+ failed \(OSError: \[Errno 28\] No space left "
-                        r"on device\); compiling again without the cache, saving nothing", said), said
-    # Nothing of the second compile went to the folder, and no size was recorded as one the model cannot run.
-    saved = sorted(os.path.basename(f) for f in files_under(tmp_path) if "rank_0_0" in f)
-    assert saved == ([] if when == "first" else ["model", "model.py"]), saved
-    assert "untraceable" not in json.loads(next(tmp_path.glob("torch_aot_compile/*/" + vcompile.FACTORS_FILE)).read_text())
-    # A compile that fails wherever it runs fails the call, after the one retry.
-    monkeypatch.setattr(vcompile, "backend", failing_in_the_folder("always"))
-    caplog.clear()
-    with pytest.raises(OSError, match="No space left on device"):
-        vcompile.compile(EvenOnly(), CompilationConfig(cache_dir=str(tmp_path), **GUARD_CONFIG))(torch.ones(4))
-    assert len(messages(caplog)) == 1
-
-
-def child_full_disk(root: str, device: str) -> dict:
-    logs = record_logs()
-    model = Branches()
-    fn = vcompile.compile(model, CompilationConfig(cache_dir=root, **GUARD_CONFIG))
-    fn(torch.arange(4, dtype=torch.float32, device=device))
-    errors = {}
-    for size in range(1, 65):
-        x = torch.arange(size, dtype=torch.float32, device=device)
-        errors[size] = (fn(x) - model(x)).abs().max().item()
-    return {"errors": errors, "logs": logs.lines, "counters": counter_values()}
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_cold_start_on_a_full_disk_runs_the_model(device, tmp_path):
-    # The root on a file system of 64 KiB, private to the child: Inductor's
-    # first writes into the cache folder fail with ENOSPC.
-    if not bench.read_only_by_mount():
-        pytest.skip("needs a mount namespace (root) for a small file system")
-    full = run_child("child_full_disk", root=str(tmp_path / "vcompile"), device=device, full_disk=str(tmp_path))
-    assert full["errors"] == {str(size): 0.0 for size in range(1, 65)}  # the branch eager takes at every size
-    warnings = [line for line in full["logs"] if line.startswith("WARNING")]
-    # Which write fails first (a kernel's source, g++'s output) varies: the line names the folder and the failure.
-    assert len(warnings) == 1 and re.fullmatch(r"WARNING vcompile: compiling into the cache folder \S+ failed \(.+\); "
-                                               r"compiling again without the cache, saving nothing", warnings[0]), warnings
-    assert_counters(full, num_aot_artifacts_saved=0, num_extra_traces=1)
-
-
 # =============================================================================
-# 13. What a save cannot carry: models people bring
+# 16. What a save cannot carry: models people bring
 # =============================================================================
 
 
@@ -2970,7 +2982,7 @@ def test_hugging_face_decoders_compile_and_start_warm(device, tmp_path):
 
 
 # =============================================================================
-# 14. The cache from the command line: list, remove, prune
+# 17. The cache from the command line: list, remove, prune
 # =============================================================================
 
 

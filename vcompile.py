@@ -21,9 +21,12 @@ The sections follow the data, top to bottom:
    9. codegen with inlined submodules          vLLM PR 40151
   10. serializable compiled function: save and load   vLLM PR 40151
   11. the backend
-  12. the first call: load, or compile and save, or trace
-  13. what a save cannot carry: models people bring
-  14. the cache from the command line: list, remove, prune
+  12. the first call: load, or compile and save, or trace (JIT)
+  13. how the token count is traced: unbacked, and the backed fallback   vLLM PR 44256
+  14. sizes the first trace excludes: later traces
+  15. compiling at start-up (prepare)
+  16. what a save cannot carry: models people bring
+  17. the cache from the command line: list, remove, prune
 
 Usage:
     fn = vcompile.compile(model, vcompile.CompilationConfig(splitting_ops=["my::attention"]))
@@ -142,7 +145,7 @@ class CompilationConfig:
     # the same cache root (section 7) before it compiles the piece itself.
     compile_wait_s: float = 300.0
     # How many traces a model that branches on the token count may get, the
-    # first included (section 12): each costs a trace and its compiles.
+    # first included (section 14): each costs a trace and its compiles.
     max_traces: int = 4
     use_aot: bool = True
     use_codegen: bool = True
@@ -195,9 +198,9 @@ class CompilationCounter:
     num_compiled_artifacts_saved: int = 0  # unique piece artifacts written to disk
     num_compiled_artifacts_loaded: int = 0  # unique piece artifacts read from disk
     num_aot_compiles: int = 0
-    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 12)
+    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 13)
     num_backed_traces: int = 0  # graphs traced backed, their guards on the token count kept (section 6)
-    num_extra_traces: int = 0  # traces of sizes the first trace's guards exclude (section 12), of the above
+    num_extra_traces: int = 0  # traces of sizes the first trace's guards exclude (section 14), of the above
     num_aot_artifacts_saved: int = 0
     num_aot_artifacts_loaded: int = 0
     num_fx_graph_deserializations: int = 0  # only the use_codegen=False baseline has any
@@ -347,7 +350,7 @@ class CacheDir:
     def model_path(self) -> str:
         return os.path.join(self.rank_dir, "model")
 
-    def trace_path(self, trace: int) -> str:  # the first trace's is model_path (section 12)
+    def trace_path(self, trace: int) -> str:  # the first trace's is model_path (section 14)
         return self.model_path if trace == 0 else f"{self.model_path}.trace{trace}"
 
     @property
@@ -417,7 +420,7 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
 FACTORS_FILE = "cache_key_factors.json"
 # Kept in that file beside the factors, not hashed: the vcompile that wrote
 # the folder (FORMAT_VERSION says when a file cannot be read) and how the
-# token count was traced (section 12).
+# token count was traced (section 13).
 NOT_FACTORS = ("vcompile_version", "traced")
 LAST_LOADED_FILE = "last_loaded"  # its mtime: when a start last loaded from this folder
 
@@ -845,8 +848,8 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 # exactly those (every other guard stays dropped) as a table from each size up
 # to max_num_batched_tokens to the entry that runs it, saved with the
 # artifact: one list index per call. The sizes where a guard fails get traces
-# of their own (section 12); a size no trace runs is refused.
-# A trace with the token count unbacked (section 12) records no guard, only
+# of their own (section 14); a size no trace runs is refused.
+# A trace with the token count unbacked (section 13) records no guard, only
 # runtime asserts (`torch._check(x.shape[0] <= 42)` becomes `u0 <= 42`),
 # which the compiled code would raise from inside a kernel: the table keeps
 # those too, and refuses 43 with the check named before anything runs.
@@ -928,7 +931,7 @@ def size_table(entries: list[Range], guards: list[tuple[str, str]], top: int,
     or OUTSIDE_EVERY_ENTRY, or GUARD_FAILS. Built once per compile (8193
     sizes by default, a few milliseconds); a warning names each entry it
     leaves no size to, since that entry's artifacts can never run. A later
-    trace (section 12) `serves` only the sizes earlier traces refuse: the
+    trace (section 14) `serves` only the sizes earlier traces refuse: the
     others are GUARD_FAILS in its table, and its unused entries are dropped."""
     holds = guards_hold(guards)
     table = [entry_of(size, entries, holds) if serves is None or serves[size] else GUARD_FAILS
@@ -1630,7 +1633,7 @@ def load_split_graph(data: bytes) -> fx.GraphModule:
 
 
 # The AOT artifact, <rank dir>/model: torch's saved function, what the save
-# cannot carry (section 13), and the CPU vector ISA its kernels were built
+# cannot carry (section 16), and the CPU vector ISA its kernels were built
 # for, in one file checked by sha256 like every artifact.
 
 
@@ -1654,7 +1657,7 @@ def save_aot_artifact(cache: CacheDir, aot_fn, model: torch.nn.Module, installed
             "modules": {name: v.__name__ for name, v in installed.items() if inspect.ismodule(v)},
             "vec_isa": picked_vec_isa(device),
             # Which sizes this trace runs and why the others fail, read
-            # before the next trace is loaded or made (section 12).
+            # before the next trace is loaded or made (section 14).
             "size_table": state["size_table"],
             "size_guards": state["size_guards"],
             "traced": state["traced"],
@@ -1865,14 +1868,14 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
         state["code"], state["consts"] = generate_execution_code(split_gm, compile_names)
     else:
         state["split_graph"] = dump_split_graph(split_gm)
-    # Counted once it compiled: an unbacked attempt that failed is traced again (section 12).
+    # Counted once it compiled: an unbacked attempt that failed is traced again (section 13).
     counters.num_unbacked_traces += traced == "unbacked"
     counters.num_backed_traces += traced == "backed"
     return VcompileFunction(state, link(state, live, split_gm))
 
 
 # =============================================================================
-# 12. The first call: load, or compile and save, or trace
+# 12. The first call: load, or compile and save, or trace (JIT)
 #
 # compile() only wraps the model. Its first call does the work, under the
 # monitor and inside the cache folder, in one of three ways:
@@ -1883,42 +1886,9 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 #   - trace (JIT: use_aot=False, or a model whose artifact cannot load back):
 #     Dynamo traces at every start, and the backend loads each piece saved
 #     by an earlier start instead of compiling it.
-# Later calls check their inputs against what was compiled, and run.
-#
-# prepare() does that work before the first call, from example inputs, and
-# runs nothing: a server's first request should not pay for the compile
-# (vLLM compiles at start-up with a dummy batch; its start-up roadmap, RFC
-# 34956, overlaps the compile with the weight load). Neither a trace (fake
-# tensors) nor a load (weights are graph inputs) reads a weight's value, so
-# prepare may run on a thread while the caller loads them. The first run,
-# which loads kernels into the cache folder, waits for the first call.
-#
-# How the token count is traced (vLLM PR 44256 for the unbacked mode). A
-# dynamic size Dynamo may guard on ("backed") has, under
-# backed_size_oblivious, a range that holds 1. So every layout question in
-# traced code (reshape of a split slice, .contiguous() after a transpose, as
-# GPT-2 ports, nanoGPT and gpt-fast write attention) records `size != 1`,
-# which cannot be told from a real `if t == 1:`: kept as a size guard, it
-# refused one-token decoding. An unbacked size admits no guard at all: each
-# layout question takes the answer that holds at every size, and nothing is
-# recorded. So the first trace marks the token dims unbacked. A model that
-# branches on the count cannot be traced so (Dynamo raises "Could not guard
-# on data-dependent expression", in a fraction of a second, as it does in
-# Hugging Face's mask helpers); it is traced backed, as before, its guards
-# kept as the size table of section 6, and one INFO line says where and
-# which sizes they exclude.
-#
-# Sizes the first trace excludes. Stock torch.compile traces again when a
-# guard fails, in the middle of serving; vLLM drops the guard and runs the
-# wrong branch. vcompile traces them up front, in the first call: each run of
-# excluded sizes, in turn, traced backed at a size inside it, compiled for
-# the entries that hold its sizes only, its own guards saying which sizes it
-# runs. Every trace's function is saved in the hash folder (model,
-# model.trace1, ...) with its table; later calls go from the size to the
-# trace with one list index, the model with one trace runs as before. A run
-# whose trace fails as eager fails (torch._check) stays refused, and the cold
-# start records it so that a warm start does not trace it again. JIT mode
-# makes its later traces at every start, as it makes its first.
+# Later calls check their inputs against what was compiled, and run. How the
+# model is traced, the traces for sizes the first one excludes, and doing it
+# all before the first call are sections 13 to 15.
 # =============================================================================
 
 
@@ -1986,29 +1956,7 @@ class CompiledModel:
         background=True the work runs on a thread and prepare returns at once;
         the first call waits for it and raises what it raised. (JIT mode
         cannot trace without running: there the example inputs run once.)"""
-        if self.preparing is not None or self.fn is not None:
-            return  # one prepare at a time; what it makes serves every size
-        if not background:
-            with torch.no_grad():
-                self._first(args, kwargs, run=False)
-            return
-        # Torch versions differ here. Without a GPU, fake tensors install a
-        # no-op CUDA device guard when they are first used; on torch 2.11, when
-        # a thread other than the caller's did that first, the caller's next
-        # trace crashes the process (a segfault). Installed here, on the
-        # caller's thread, as the caller's own first trace would, it does not.
-        if not torch.cuda.is_available() and hasattr(torch._C, "_ensureCUDADeviceGuardSet"):
-            torch._C._ensureCUDADeviceGuardSet()
-
-        def work():
-            try:
-                with torch.no_grad():
-                    self._first(args, kwargs, run=False)
-            except BaseException as e:  # handed to the first call
-                self.prepare_error = e
-
-        self.preparing = threading.Thread(target=work, name="vcompile-prepare", daemon=True)
-        self.preparing.start()
+        start_up(self, args, kwargs, background)  # section 15
 
     def _first(self, args, kwargs, run: bool = True):
         """The first call, a prepare(), or the first run after a prepare();
@@ -2067,8 +2015,8 @@ class CompiledModel:
             first = self._load_or_compile(args, kwargs, dims)
             if first is None:  # cannot be saved to load back: this once, compile the JIT way too
                 return self._trace(args, kwargs, dims)
-            later = self._later_traces(first, lambda *trace: self._load_or_compile(args, kwargs, dims, *trace))
-            self.fn = self._dispatch([first, *later], dims)
+            later = later_traces(self, first, lambda *trace: self._load_or_compile(args, kwargs, dims, *trace))
+            self.fn = dispatch(self, [first, *later], dims)
             self.first_run_isa, self.first_run_due = first["isa"], True
             return self._first_run(args, kwargs) if run else _NOT_RUN
 
@@ -2082,97 +2030,6 @@ class CompiledModel:
             return aot_trace(aot_fn, saved, loaded=True, isa=isa)
         aot_fn = self._compile_and_save(args, kwargs, dims, trace, at_size, serves)
         return aot_trace(aot_fn, self.compiled_fn.state, loaded=False) if aot_fn is not None else None
-
-    def _later_traces(self, first: dict, make: Callable[[int, int, list[bool]], dict | None]) -> list[dict]:
-        """Traces of their own for the sizes the first trace's guards exclude,
-        one run of excluded sizes at a time: make(index, size to trace at,
-        sizes it serves) loads or compiles one."""
-        # An unbacked trace has no guard to exclude a size with, only the
-        # model's own checks (torch._check), which eager fails there too.
-        if first["table"] is None or first["traced"] == "unbacked":
-            return []
-        compiled_fn, traces = self.compiled_fn, []
-        # Sizes where a trace failed as eager fails, found by a cold start:
-        # a warm start does not trace them again.
-        given_up = set(recorded_factors(self.cache).get("untraceable", [])) if first["loaded"] else set()
-        while True:
-            tables = [first["table"], *(t["table"] for t in traces)]
-            serves = [size not in given_up and all(table[size] == GUARD_FAILS for table in tables)
-                      for size in range(len(first["table"]))]
-            runs = runs_of([size for size, open_ in enumerate(serves) if open_])
-            if not runs:
-                break
-            start, end = runs[0]
-            guard = failed_guard(start, first["guards"])
-            why = (f"size {start} fails" if start == end else f"sizes {start} to {end} fail") + f" {guard}"
-            if 1 + len(traces) == self.config.max_traces:
-                self.untraced = [size for size, open_ in enumerate(serves) if open_]
-                logger.warning("vcompile: %s; a trace of their own would pass CompilationConfig.max_traces=%d: "
-                               "sizes %s stay refused", why, self.config.max_traces, sizes_in_words(self.untraced))
-                break
-            # One size alone is traced at that size; a wider run at a size in
-            # it other than 1, where a backed trace would decide every layout
-            # question for size 1 alone (see trace_inputs).
-            at = start if start == end else max(start, 2)
-            try:
-                trace = make(1 + len(traces), at, serves)
-                if trace is None:
-                    raise RuntimeError("its compiled function cannot be saved to load back")
-            except Exception as e:  # as eager would (torch._check), or another failure: refused, not fatal
-                if self.cache_failed and self.cache is not None:
-                    raise  # the cache folder failed, not this size: the first call starts again without it
-                # Every size that fails the same guard is given up with this
-                # run: `torch._check(x.shape[0] % 2 == 0)` would otherwise cost
-                # a failed trace per odd size.
-                same = [size for size, open_ in enumerate(serves) if open_ and failed_guard(size, first["guards"]) == guard]
-                given_up.update(same)
-                given = (f"size {same[0]}, which fails that guard, stays" if len(same) == 1 else
-                         f"sizes {sizes_in_words(same)}, which fail that guard, stay")
-                logger.info("vcompile: %s; a trace of their own at %d failed (%s): %s refused", why, at, describe(e),
-                            given)
-                continue
-            traces.append(trace)
-            if not trace["loaded"]:
-                ran = [size for size, index in enumerate(trace["table"]) if index >= 0]
-                logger.info("vcompile: %s: traced separately at %d, which runs sizes %s", why, at, sizes_in_words(ran))
-        self.compiled_fn = compiled_fn  # the first trace's, as with one trace
-        made = (traces or given_up) and not (first["loaded"] and all(t["loaded"] for t in traces))
-        if made and self.cache is not None and self.cache.writable:
-            record_trace(self.cache, untraceable=sorted(given_up), trace_sizes=[
-                sizes_in_words([size for size, index in enumerate(t["table"]) if index >= 0]) for t in [first, *traces]])
-        return traces
-
-    def _dispatch(self, traces: list[dict], dims: dict[str, int]) -> Callable:
-        """The function later calls run. With one trace, its AOT function. With
-        several, a table from the size to the trace that runs it: one more
-        list index per call, then the trace's own (section 6)."""
-        fns = [functools.partial(trace["fn"], self.model) for trace in traces]
-        if len(fns) == 1 and not self.untraced:
-            return fns[0]
-        first = traces[0]["table"]
-        # Sizes no trace runs: -1 where a guard fails (refused below), the
-        # first trace where no entry holds them (it refuses them itself).
-        trace_of = [next((i for i, t in enumerate(traces) if t["table"][size] >= 0),
-                         0 if first[size] == OUTSIDE_EVERY_ENTRY else -1) for size in range(len(first))]
-        name, dim = next(iter(dims.items()))
-        position = list(self.__signature__.parameters).index(name)
-
-        def run(*args, **kwargs):
-            size = (args[position] if position < len(args) else kwargs[name]).shape[dim]
-            trace = trace_of[size] if size < len(trace_of) else 0
-            if trace < 0:
-                raise self._refused(size, traces)
-            return fns[trace](*args, **kwargs)
-
-        return run
-
-    def _refused(self, size: int, traces: list[dict]) -> ValueError:
-        served = [0 if any(t["table"][s] >= 0 for t in traces) else GUARD_FAILS for s in range(len(traces[0]["table"]))]
-        error = size_refused(size, GUARD_FAILS, [], traces[0]["guards"], served)
-        if size in self.untraced:
-            error.args = (error.args[0] + f"; it has no trace of its own: a model gets at most "
-                          f"CompilationConfig.max_traces={self.config.max_traces} traces, raise it to trace it",)
-        return error
 
     def _bind_first_call(self, args, kwargs) -> dict[str, int]:
         """Checks the first call's inputs, records what later calls must
@@ -2199,7 +2056,7 @@ class CompiledModel:
     def _compile_and_save(self, args, kwargs, dims, trace: int = 0, at_size: int | None = None,
                           serves: list[bool] | None = None, pieces_dir: str | None = None):
         """The AOT function, traced once and saved; None when it cannot be
-        saved so that it loads back (section 13). A later trace is traced
+        saved so that it loads back (section 16). A later trace is traced
         backed at `at_size` and compiled for the sizes it `serves`. JIT
         mode's later traces pass its `pieces_dir` and save no function."""
         module_globals = set(self.model.forward.__globals__)
@@ -2215,7 +2072,7 @@ class CompiledModel:
                 return compiled.aot_compile(((self.model, *trace_args), trace_kwargs))
 
         try:
-            aot_fn = self._unbacked_else_backed(aot_compile) if trace == 0 else aot_compile(unbacked=False)
+            aot_fn = unbacked_else_backed(self, aot_compile) if trace == 0 else aot_compile(unbacked=False)
         except Exception as e:
             if self.compiled_fn is None or trace > 0:  # the model itself failed to trace or compile
                 raise
@@ -2254,16 +2111,16 @@ class CompiledModel:
             # A one-token call traced at two runs again as itself (its size may fail a guard).
             return compiled, out, not unbacked and traced_at_two(self.__signature__, args, kwargs, dims, self.config)
 
-        compiled, out, rerun = self._unbacked_else_backed(trace_and_run)
+        compiled, out, rerun = unbacked_else_backed(self, trace_and_run)
         state = self.compiled_fn.state
         first = {"fn": compiled, "table": state["size_table"], "guards": state["size_guards"],
                  "traced": state["traced"], "loaded": False}
         # Later traces go through the AOT entry point, which traces without
         # running the model: a run at a made-up size would write a key/value
         # cache. Kept in memory; their pieces are saved and loaded as above.
-        later = self._later_traces(first, lambda trace, at, serves: self._jit_later_trace(
+        later = later_traces(self, first, lambda trace, at, serves: self._jit_later_trace(
             args, kwargs, dims, trace, at, serves, pieces_dir))
-        self.fn = self._dispatch([first, *later], dims)
+        self.fn = dispatch(self, [first, *later], dims)
         if self.cache is not None and self.cache.writable and not warm:
             record_trace(self.cache, traced=state["traced"], backed_because=state.get("backed_because"))
         if warm:
@@ -2273,32 +2130,6 @@ class CompiledModel:
     def _jit_later_trace(self, args, kwargs, dims, trace, at_size, serves, pieces_dir) -> dict:
         aot_fn = self._compile_and_save(args, kwargs, dims, trace, at_size, serves, pieces_dir)
         return aot_trace(aot_fn, self.compiled_fn.state, loaded=False)
-
-    def _unbacked_else_backed(self, trace: Callable[[bool], Any]):
-        """trace(unbacked=True), or, where that fails before the backend has
-        returned, trace(unbacked=False), saying why and what it costs. The
-        usual why: the model decides something on the token count. Any other
-        failure is retried too (torch's support for unbacked sizes is newer
-        than the backed trace every model ran with before 0.3.0); the model's
-        own error fails the backed trace as well, and that is what is raised.
-        A failure after the backend returned is not retried: in JIT mode the
-        model has already run."""
-        self.compiled_fn = None
-        try:
-            return trace(True)
-        except Exception as e:
-            if self.compiled_fn is not None:
-                raise
-            decided = data_dependent_decision(e)
-            why = f"the model decides {decided}" if decided else f"torch failed on it ({describe(e)})"
-        self.cache_failed = False  # set by the failed attempt; a cache problem fails the backed one too
-        result = trace(False)
-        table = self.compiled_fn.state["size_table"]
-        refused = [size for size, index in enumerate(table) if index == GUARD_FAILS]
-        logger.info("vcompile: the token count cannot be traced unbacked: %s; traced backed, %s", why,
-                    f"its guards exclude sizes {sizes_in_words(refused)}" if refused else "every size runs")
-        self.compiled_fn.state["backed_because"] = why
-        return result
 
     def _torch_compile(self, pieces_dir: str | None, serves: list[bool] | None = None):
         # The forward as a plain function, called with the model first, as a
@@ -2362,6 +2193,53 @@ def aot_trace(aot_fn, saved: dict, loaded: bool, isa: dict | None = None) -> dic
             "traced": saved.get("traced"), "loaded": loaded}
 
 
+# =============================================================================
+# 13. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
+#
+# A dynamic size Dynamo may guard on ("backed") has, under
+# backed_size_oblivious, a range that holds 1. So every layout question in
+# traced code (reshape of a split slice, .contiguous() after a transpose, as
+# GPT-2 ports, nanoGPT and gpt-fast write attention) records `size != 1`,
+# which cannot be told from a real `if t == 1:`: kept as a size guard, it
+# refused one-token decoding. An unbacked size admits no guard at all: each
+# layout question takes the answer that holds at every size, and nothing is
+# recorded. So the first trace marks the token dims unbacked. A model that
+# branches on the count cannot be traced so (Dynamo raises "Could not guard
+# on data-dependent expression", in a fraction of a second, as it does in
+# Hugging Face's mask helpers); it is traced backed, as before, its guards
+# kept as the size table of section 6, and one INFO line says where and
+# which sizes they exclude. So is a model whose unbacked trace fails for any
+# other reason before the backend returns, with the error in that line.
+# =============================================================================
+
+
+def unbacked_else_backed(compiled: CompiledModel, trace: Callable[[bool], Any]):
+    """trace(unbacked=True), or, where that fails before the backend has
+    returned, trace(unbacked=False), saying why and what it costs. The
+    usual why: the model decides something on the token count. Any other
+    failure is retried too (torch's support for unbacked sizes is newer
+    than the backed trace every model ran with before 0.3.0); the model's
+    own error fails the backed trace as well, and that is what is raised.
+    A failure after the backend returned is not retried: in JIT mode the
+    model has already run."""
+    compiled.compiled_fn = None
+    try:
+        return trace(True)
+    except Exception as e:
+        if compiled.compiled_fn is not None:
+            raise
+        decided = data_dependent_decision(e)
+        why = f"the model decides {decided}" if decided else f"torch failed on it ({describe(e)})"
+    compiled.cache_failed = False  # set by the failed attempt; a cache problem fails the backed one too
+    result = trace(False)
+    table = compiled.compiled_fn.state["size_table"]
+    refused = [size for size, index in enumerate(table) if index == GUARD_FAILS]
+    logger.info("vcompile: the token count cannot be traced unbacked: %s; traced backed, %s", why,
+                f"its guards exclude sizes {sizes_in_words(refused)}" if refused else "every size runs")
+    compiled.compiled_fn.state["backed_because"] = why
+    return result
+
+
 def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int],
                  config: CompilationConfig, unbacked: bool, at_size: int | None = None) -> tuple[tuple, dict]:
     """The inputs Dynamo traces: the first call's, each token dim marked
@@ -2382,7 +2260,7 @@ def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int
     of a one-token call runs at two tokens, its tensors repeated along the
     token dim. An unbacked trace decides nothing at the size it sees.
 
-    A later trace (section 12) is traced at `at_size`: the first call's
+    A later trace (section 14) is traced at `at_size`: the first call's
     tensors repeated along the token dim and cut to that size.
     """
     # Each input stays where the call put it: the code Dynamo writes for a
@@ -2444,7 +2322,160 @@ def _tracing_patches():
 
 
 # =============================================================================
-# 13. What a save cannot carry: models people bring
+# 14. Sizes the first trace excludes: later traces
+#
+# Stock torch.compile traces again when a guard fails, in the middle of
+# serving; vLLM drops the guard and runs the wrong branch. vcompile traces
+# them up front, in the first call: each run of excluded sizes, in turn,
+# traced backed at a size inside it, compiled for the entries that hold its
+# sizes only, its own guards saying which sizes it runs. Every trace's
+# function is saved in the hash folder (model, model.trace1, ...) with its
+# table; later calls go from the size to the trace with one list index, the
+# model with one trace runs as before. A run whose trace fails as eager
+# fails (torch._check) stays refused, and the cold start records it so that
+# a warm start does not trace it again. JIT mode makes its later traces at
+# every start, as it makes its first.
+# =============================================================================
+
+
+def later_traces(compiled: CompiledModel, first: dict,
+                 make: Callable[[int, int, list[bool]], dict | None]) -> list[dict]:
+    """Traces of their own for the sizes the first trace's guards exclude,
+    one run of excluded sizes at a time: make(index, size to trace at,
+    sizes it serves) loads or compiles one."""
+    # An unbacked trace has no guard to exclude a size with, only the
+    # model's own checks (torch._check), which eager fails there too.
+    if first["table"] is None or first["traced"] == "unbacked":
+        return []
+    compiled_fn, traces = compiled.compiled_fn, []
+    # Sizes where a trace failed as eager fails, found by a cold start:
+    # a warm start does not trace them again.
+    given_up = set(recorded_factors(compiled.cache).get("untraceable", [])) if first["loaded"] else set()
+    while True:
+        tables = [first["table"], *(t["table"] for t in traces)]
+        serves = [size not in given_up and all(table[size] == GUARD_FAILS for table in tables)
+                  for size in range(len(first["table"]))]
+        runs = runs_of([size for size, open_ in enumerate(serves) if open_])
+        if not runs:
+            break
+        start, end = runs[0]
+        guard = failed_guard(start, first["guards"])
+        why = (f"size {start} fails" if start == end else f"sizes {start} to {end} fail") + f" {guard}"
+        if 1 + len(traces) == compiled.config.max_traces:
+            compiled.untraced = [size for size, open_ in enumerate(serves) if open_]
+            logger.warning("vcompile: %s; a trace of their own would pass CompilationConfig.max_traces=%d: "
+                           "sizes %s stay refused", why, compiled.config.max_traces,
+                           sizes_in_words(compiled.untraced))
+            break
+        # One size alone is traced at that size; a wider run at a size in
+        # it other than 1, where a backed trace would decide every layout
+        # question for size 1 alone (see trace_inputs).
+        at = start if start == end else max(start, 2)
+        try:
+            trace = make(1 + len(traces), at, serves)
+            if trace is None:
+                raise RuntimeError("its compiled function cannot be saved to load back")
+        except Exception as e:  # as eager would (torch._check), or another failure: refused, not fatal
+            if compiled.cache_failed and compiled.cache is not None:
+                raise  # the cache folder failed, not this size: the first call starts again without it
+            # Every size that fails the same guard is given up with this
+            # run: `torch._check(x.shape[0] % 2 == 0)` would otherwise cost
+            # a failed trace per odd size.
+            same = [size for size, open_ in enumerate(serves) if open_ and failed_guard(size, first["guards"]) == guard]
+            given_up.update(same)
+            given = (f"size {same[0]}, which fails that guard, stays" if len(same) == 1 else
+                     f"sizes {sizes_in_words(same)}, which fail that guard, stay")
+            logger.info("vcompile: %s; a trace of their own at %d failed (%s): %s refused", why, at, describe(e),
+                        given)
+            continue
+        traces.append(trace)
+        if not trace["loaded"]:
+            ran = [size for size, index in enumerate(trace["table"]) if index >= 0]
+            logger.info("vcompile: %s: traced separately at %d, which runs sizes %s", why, at, sizes_in_words(ran))
+    compiled.compiled_fn = compiled_fn  # the first trace's, as with one trace
+    made = (traces or given_up) and not (first["loaded"] and all(t["loaded"] for t in traces))
+    if made and compiled.cache is not None and compiled.cache.writable:
+        record_trace(compiled.cache, untraceable=sorted(given_up), trace_sizes=[
+            sizes_in_words([size for size, index in enumerate(t["table"]) if index >= 0]) for t in [first, *traces]])
+    return traces
+
+
+def dispatch(compiled: CompiledModel, traces: list[dict], dims: dict[str, int]) -> Callable:
+    """The function later calls run. With one trace, its AOT function. With
+    several, a table from the size to the trace that runs it: one more
+    list index per call, then the trace's own (section 6)."""
+    fns = [functools.partial(trace["fn"], compiled.model) for trace in traces]
+    if len(fns) == 1 and not compiled.untraced:
+        return fns[0]
+    first = traces[0]["table"]
+    # Sizes no trace runs: -1 where a guard fails (refused below), the
+    # first trace where no entry holds them (it refuses them itself).
+    trace_of = [next((i for i, t in enumerate(traces) if t["table"][size] >= 0),
+                     0 if first[size] == OUTSIDE_EVERY_ENTRY else -1) for size in range(len(first))]
+    name, dim = next(iter(dims.items()))
+    position = list(compiled.__signature__.parameters).index(name)
+
+    def run(*args, **kwargs):
+        size = (args[position] if position < len(args) else kwargs[name]).shape[dim]
+        trace = trace_of[size] if size < len(trace_of) else 0
+        if trace < 0:
+            raise refused(compiled, size, traces)
+        return fns[trace](*args, **kwargs)
+
+    return run
+
+
+def refused(compiled: CompiledModel, size: int, traces: list[dict]) -> ValueError:
+    served = [0 if any(t["table"][s] >= 0 for t in traces) else GUARD_FAILS for s in range(len(traces[0]["table"]))]
+    error = size_refused(size, GUARD_FAILS, [], traces[0]["guards"], served)
+    if size in compiled.untraced:
+        error.args = (error.args[0] + f"; it has no trace of its own: a model gets at most "
+                      f"CompilationConfig.max_traces={compiled.config.max_traces} traces, raise it to trace it",)
+    return error
+
+
+# =============================================================================
+# 15. Compiling at start-up (prepare)
+#
+# prepare() does the first call's work before it, from example inputs, and
+# runs nothing: a server's first request should not pay for the compile
+# (vLLM compiles at start-up with a dummy batch; its start-up roadmap, RFC
+# 34956, overlaps the compile with the weight load). Neither a trace (fake
+# tensors) nor a load (weights are graph inputs) reads a weight's value, so
+# prepare may run on a thread while the caller loads them. The first run,
+# which loads kernels into the cache folder, waits for the first call.
+# =============================================================================
+
+
+def start_up(compiled: CompiledModel, args: tuple, kwargs: dict, background: bool) -> None:
+    """CompiledModel.prepare: the first call's work now, or on a thread."""
+    if compiled.preparing is not None or compiled.fn is not None:
+        return  # one prepare at a time; what it makes serves every size
+    if not background:
+        with torch.no_grad():
+            compiled._first(args, kwargs, run=False)
+        return
+    # Torch versions differ here. Without a GPU, fake tensors install a
+    # no-op CUDA device guard when they are first used; on torch 2.11, when
+    # a thread other than the caller's did that first, the caller's next
+    # trace crashes the process (a segfault). Installed here, on the
+    # caller's thread, as the caller's own first trace would, it does not.
+    if not torch.cuda.is_available() and hasattr(torch._C, "_ensureCUDADeviceGuardSet"):
+        torch._C._ensureCUDADeviceGuardSet()
+
+    def work():
+        try:
+            with torch.no_grad():
+                compiled._first(args, kwargs, run=False)
+        except BaseException as e:  # handed to the first call
+            compiled.prepare_error = e
+
+    compiled.preparing = threading.Thread(target=work, name="vcompile-prepare", daemon=True)
+    compiled.preparing.start()
+
+
+# =============================================================================
+# 16. What a save cannot carry: models people bring
 #
 # Hugging Face decoders broke the saved artifact three ways. Their forward is
 # wrapped by decorators, and pickle cannot store the original function that a
@@ -2567,7 +2598,7 @@ def aot_unavailable(cache: CacheDir | None) -> str | None:
 
 
 # =============================================================================
-# 14. The cache from the command line: list, remove, prune
+# 17. The cache from the command line: list, remove, prune
 #
 #   python -m vcompile cache [ROOT] [--json]      what each hash folder holds
 #   python -m vcompile cache ROOT --remove HASH   delete one folder
@@ -2606,7 +2637,7 @@ def cache_listing(root: str) -> list[dict]:
             "path": folder,
             "model": factors.get("model"),
             "vcompile": factors.get("vcompile_version"),  # None: written before 0.2.0
-            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 12); None: not yet, or before 0.2.0
+            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 13); None: not yet, or before 0.2.0
             "backed_because": factors.get("backed_because"),  # why not unbacked, where it was tried
             "trace_sizes": factors.get("trace_sizes"),  # the sizes each trace runs, where there are several
             "torch": (factors.get("torch") or [None])[0],
