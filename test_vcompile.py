@@ -935,7 +935,7 @@ def test_processes_compiling_into_one_root_at_once_all_succeed(device, cold_cach
     for result in together:
         assert_counters(result, num_aot_compiles=1, num_aot_artifacts_saved=1, num_backend_compilations=9)
         assert_matches_eager(result, device)
-    # Each (piece, entry) compiled by one of them, the others took it (section 7).
+    # Each (piece, entry) compiled by one of them, the others took it (section 8).
     assert sum(r["counters"]["num_inductor_compiles"] for r in together) == 9
     assert sum(r["counters"]["num_artifacts_from_other_processes"] for r in together) == 3 * 9
     # No more of them compiled than there are cores (compile slots): the rest only took.
@@ -956,7 +956,7 @@ def test_two_ranks_share_a_hash_folder_and_each_starts_warm(device, cold_cache, 
                                                             store=store)) for rank in (0, 1)]))
     assert sorted(d for d in os.listdir(copy) if d.startswith("rank_")) == ["rank_0_0", "rank_1_0"]
     assert all(os.path.isfile(os.path.join(copy, d, "model")) for d in ("rank_0_0", "rank_1_0"))
-    # Two processes started together compile between them what one compiles alone (section 7).
+    # Two processes started together compile between them what one compiles alone (section 8).
     assert sum(cold["counters"]["num_inductor_compiles"] for cold in rounds[0]) == 9
     for cold, warm in zip(*rounds):
         assert cold["hash_dir"] == warm["hash_dir"] == copy  # one folder, one inductor_cache for both ranks
@@ -1665,7 +1665,9 @@ def test_pieces_that_differ_in_an_op_shape_or_dtype_do_not_share(device):
     torch.testing.assert_close(out, OneDifference()(x), atol=TOL[device], rtol=TOL[device])
 
 
-# --- compile once per machine: processes on one root share the work ----------
+# =============================================================================
+# 8. Compiling once per machine
+# =============================================================================
 
 
 def piece_graph(scale: float) -> fx.GraphModule:
@@ -1771,7 +1773,7 @@ def test_a_lock_dies_with_its_process_and_a_waiter_gives_up_after_the_bound(tmp_
         os.close(fd)
 
 
-def test_a_process_without_a_compile_slot_takes_what_is_shared_then_waits_for_one(tmp_path, caplog):
+def test_a_process_without_a_compile_slot_takes_what_is_shared_then_waits_for_one(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="vcompile")
     shared = str(tmp_path / "shared_pieces")
     os.makedirs(shared)
@@ -1783,14 +1785,14 @@ def test_a_process_without_a_compile_slot_takes_what_is_shared_then_waits_for_on
     fcntl.flock(slot, fcntl.LOCK_EX)  # the only slot, held by "another process" for 0.5 s
     threading.Timer(0.5, os.close, [slot]).start()
     manager, events = vcompile.CompilerManager(shared_dir=shared, slots=1), []
-    for name in ("_compile_slot", "_load_piece"):
-        real = getattr(manager, name)
-        setattr(manager, name, lambda *a, real=real, name=name: events.append(name) or real(*a))
+    real_slot, real_load = vcompile.compile_slot, manager._load_piece
+    monkeypatch.setattr(vcompile, "compile_slot", lambda *a: events.append("compile_slot") or real_slot(*a))
+    manager._load_piece = lambda *a: events.append("_load_piece") or real_load(*a)
     jobs = [(gm, vcompile.fake_args_from_graph(gm), Range(1, 8)) for gm in (own_piece, shared_piece)]
     with counters.expect(num_inductor_compiles=1, num_artifacts_from_other_processes=1):
         manager.compile_all(jobs)
     # The shared piece is taken while the slot is held; the other compiles once the slot is free.
-    assert events == ["_compile_slot", "_load_piece", "_compile_slot"]
+    assert events == ["compile_slot", "_load_piece", "compile_slot"]
     assert manager.waited_s >= 0.4
     assert not [m for m in messages(caplog) if m.startswith("vcompile: waited")]
 
@@ -1847,7 +1849,7 @@ def test_tensor_parallel_ranks_compile_each_piece_once_between_them(device, tmp_
 
 
 # =============================================================================
-# 8. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
+# 9. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
 # =============================================================================
 
 
@@ -1908,7 +1910,7 @@ def test_first_call_of_size_one_does_not_specialize(device):
 
 
 # =============================================================================
-# 9. Codegen with inlined submodules (vLLM PR 40151)
+# 10. Codegen with inlined submodules (vLLM PR 40151)
 # =============================================================================
 
 
@@ -2042,7 +2044,7 @@ def test_constants_in_the_attention_piece_survive_a_warm_load(device, cold_cache
 
 
 # =============================================================================
-# 10. Serializable compiled function: save and load (vLLM PR 40151)
+# 11. Serializable compiled function: save and load (vLLM PR 40151)
 # =============================================================================
 
 
@@ -2155,7 +2157,7 @@ def test_an_edited_model_source_recompiles_with_a_warning(device, cold_cache, tm
 
 
 # =============================================================================
-# 11. The backend
+# 12. The backend
 # =============================================================================
 
 
@@ -2206,7 +2208,7 @@ def test_the_backend_compiles_every_piece_and_returns_a_saveable_function(device
 
 
 # =============================================================================
-# 12. The first call: load, or compile and save, or trace (JIT)
+# 13. The first call: load, or compile and save, or trace (JIT)
 # =============================================================================
 
 
@@ -2384,7 +2386,7 @@ def test_a_cold_start_on_a_full_disk_runs_the_model(device, tmp_path):
 
 
 # =============================================================================
-# 13. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
+# 14. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
 # =============================================================================
 
 
@@ -2485,7 +2487,7 @@ def test_the_models_own_error_is_raised_as_eager_raises_it(caplog):
 
 
 # =============================================================================
-# 14. Sizes the first trace excludes: later traces
+# 15. Sizes the first trace excludes: later traces
 # =============================================================================
 
 
@@ -2593,7 +2595,7 @@ def test_a_model_past_max_traces_is_refused_at_the_sizes_left_with_the_bound_nam
 
 
 # =============================================================================
-# 15. Compiling at start-up (prepare)
+# 16. Compiling at start-up (prepare)
 # =============================================================================
 
 
@@ -2674,7 +2676,7 @@ def test_prepare_twice_or_beside_a_first_call_compiles_once():
 
 
 # =============================================================================
-# 16. What a save cannot carry: models people bring
+# 17. What a save cannot carry: models people bring
 # =============================================================================
 
 
@@ -2982,7 +2984,7 @@ def test_hugging_face_decoders_compile_and_start_warm(device, tmp_path):
 
 
 # =============================================================================
-# 17. The cache from the command line: list, remove, prune
+# 18. The cache from the command line: list, remove, prune
 # =============================================================================
 
 
@@ -3204,7 +3206,7 @@ def test_generating_with_a_key_value_cache_matches_eager_cold_and_warm(device, t
     names = ["decoder", "llama"]
     cold = run_child("child_generate", root=str(tmp_path), device=device, names=names)
     warm = run_child("child_generate", root=str(tmp_path), device=device, names=names)
-    # torch 2.11 runs the Hugging Face model the JIT way (section 13), tracing it a second time.
+    # torch 2.11 runs the Hugging Face model the JIT way (section 17), tracing it a second time.
     aot, hf_traces = len(names) - (0 if AOT_WRAPS_HF else 1), 1 if AOT_WRAPS_HF else 2
     assert_counters(cold, num_aot_compiles=aot, num_aot_artifacts_saved=aot, num_aot_artifacts_loaded=0,
                     num_unbacked_traces=len(names) - 1, num_backed_traces=hf_traces)

@@ -17,16 +17,17 @@ The sections follow the data, top to bottom:
    5. graph splitting
    6. compile entries, size guards and concrete arguments   vLLM PR 35472
    7. compiler manager, in-memory cache        vLLM PR 41023
-   8. piecewise interpreter, range dispatch    vLLM PR 35472
-   9. codegen with inlined submodules          vLLM PR 40151
-  10. serializable compiled function: save and load   vLLM PR 40151
-  11. the backend
-  12. the first call: load, or compile and save, or trace (JIT)
-  13. how the token count is traced: unbacked, and the backed fallback   vLLM PR 44256
-  14. sizes the first trace excludes: later traces
-  15. compiling at start-up (prepare)
-  16. what a save cannot carry: models people bring
-  17. the cache from the command line: list, remove, prune
+   8. compiling once per machine
+   9. piecewise interpreter, range dispatch    vLLM PR 35472
+  10. codegen with inlined submodules          vLLM PR 40151
+  11. serializable compiled function: save and load   vLLM PR 40151
+  12. the backend
+  13. the first call: load, or compile and save, or trace (JIT)
+  14. how the token count is traced: unbacked, and the backed fallback   vLLM PR 44256
+  15. sizes the first trace excludes: later traces
+  16. compiling at start-up (prepare)
+  17. what a save cannot carry: models people bring
+  18. the cache from the command line: list, remove, prune
 
 Usage:
     fn = vcompile.compile(model, vcompile.CompilationConfig(splitting_ops=["my::attention"]))
@@ -142,10 +143,10 @@ class CompilationConfig:
     # VCOMPILE_TRUST_CACHE=1. For a cache a team shares on purpose.
     trust_cache: bool = False
     # How long a process waits for another one compiling the same piece into
-    # the same cache root (section 7) before it compiles the piece itself.
+    # the same cache root (section 8) before it compiles the piece itself.
     compile_wait_s: float = 300.0
     # How many traces a model that branches on the token count may get, the
-    # first included (section 14): each costs a trace and its compiles.
+    # first included (section 15): each costs a trace and its compiles.
     max_traces: int = 4
     use_aot: bool = True
     use_codegen: bool = True
@@ -198,9 +199,9 @@ class CompilationCounter:
     num_compiled_artifacts_saved: int = 0  # unique piece artifacts written to disk
     num_compiled_artifacts_loaded: int = 0  # unique piece artifacts read from disk
     num_aot_compiles: int = 0
-    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 13)
+    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 14)
     num_backed_traces: int = 0  # graphs traced backed, their guards on the token count kept (section 6)
-    num_extra_traces: int = 0  # traces of sizes the first trace's guards exclude (section 14), of the above
+    num_extra_traces: int = 0  # traces of sizes the first trace's guards exclude (section 15), of the above
     num_aot_artifacts_saved: int = 0
     num_aot_artifacts_loaded: int = 0
     num_fx_graph_deserializations: int = 0  # only the use_codegen=False baseline has any
@@ -269,8 +270,8 @@ def monitor_torch_compile(config: CompilationConfig, is_encoder: bool = False):
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model     the AOT artifact
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model.py  its execution code, to read
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/pieces/   JIT mode's per-piece artifacts
-#   <root>/torch_aot_compile/<hash>/shared_pieces/          what one process compiles for all (section 7),
-#                                                           and the vector ISA it probed (section 10)
+#   <root>/torch_aot_compile/<hash>/shared_pieces/          what one process compiles for all (section 8),
+#                                                           and the vector ISA it probed (section 11)
 #
 # A cache is built once and then shipped: baked into a container image,
 # mounted read-only, copied to many nodes. A root that holds this model's
@@ -350,7 +351,7 @@ class CacheDir:
     def model_path(self) -> str:
         return os.path.join(self.rank_dir, "model")
 
-    def trace_path(self, trace: int) -> str:  # the first trace's is model_path (section 14)
+    def trace_path(self, trace: int) -> str:  # the first trace's is model_path (section 15)
         return self.model_path if trace == 0 else f"{self.model_path}.trace{trace}"
 
     @property
@@ -420,7 +421,7 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
 FACTORS_FILE = "cache_key_factors.json"
 # Kept in that file beside the factors, not hashed: the vcompile that wrote
 # the folder (FORMAT_VERSION says when a file cannot be read) and how the
-# token count was traced (section 13).
+# token count was traced (section 14).
 NOT_FACTORS = ("vcompile_version", "traced")
 LAST_LOADED_FILE = "last_loaded"  # its mtime: when a start last loaded from this folder
 
@@ -848,8 +849,8 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 # exactly those (every other guard stays dropped) as a table from each size up
 # to max_num_batched_tokens to the entry that runs it, saved with the
 # artifact: one list index per call. The sizes where a guard fails get traces
-# of their own (section 14); a size no trace runs is refused.
-# A trace with the token count unbacked (section 13) records no guard, only
+# of their own (section 15); a size no trace runs is refused.
+# A trace with the token count unbacked (section 14) records no guard, only
 # runtime asserts (`torch._check(x.shape[0] <= 42)` becomes `u0 <= 42`),
 # which the compiled code would raise from inside a kernel: the table keeps
 # those too, and refuses 43 with the check named before anything runs.
@@ -931,7 +932,7 @@ def size_table(entries: list[Range], guards: list[tuple[str, str]], top: int,
     or OUTSIDE_EVERY_ENTRY, or GUARD_FAILS. Built once per compile (8193
     sizes by default, a few milliseconds); a warning names each entry it
     leaves no size to, since that entry's artifacts can never run. A later
-    trace (section 14) `serves` only the sizes earlier traces refuse: the
+    trace (section 15) `serves` only the sizes earlier traces refuse: the
     others are GUARD_FAILS in its table, and its unused entries are dropped."""
     holds = guards_hold(guards)
     table = [entry_of(size, entries, holds) if serves is None or serves[size] else GUARD_FAILS
@@ -1097,14 +1098,177 @@ def load_artifact(data: bytes) -> AOTCompiledArtifact:
         return AOTCompiledArtifact.deserialize(data)
 
 
-class PutOff(BaseException):
-    """Another process is compiling this piece now: compile another first."""
+class CompilerManager:
+    """Compiles the pieces of one backend call; owns the in-memory cache."""
+
+    def __init__(self, pieces_dir: str | None = None, shared_dir: str | None = None, wait_s: float = 300.0,
+                 slots: int | None = None):
+        self.artifacts: dict[tuple[Range, str], AOTCompiledArtifact] = {}  # (entry, AOT key) -> artifact
+        self.blobs: dict[int, bytes] = {}  # id(artifact) -> its bytes, serialized once
+        self.seconds: dict[Range, float] = defaultdict(float)  # compile time per entry, all pieces
+        self.pieces_dir = pieces_dir  # JIT mode: artifacts on disk, keyed like the in-memory cache
+        self.save_pieces = pieces_dir is not None and os.access(pieces_dir, os.W_OK)  # False: a shipped cache
+        self.bad_files: set[str] = set()
+        self.loaded: dict[bytes, AOTCompiledArtifact] = {}  # file content hash -> artifact: load each once
+        self.shared_dir = shared_dir  # None: a read-only or no cache root, compile alone
+        self.wait_s = wait_s
+        self.held_elsewhere: set[str] = set()  # AOT keys another process held when this one wanted them
+        self.waited_s = 0.0
+        self.slots = slots or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+    def compile_all(self, jobs: list[tuple[fx.GraphModule, list, Range]]) -> list[AOTCompiledArtifact]:
+        """Each (piece, example inputs, entry) job's artifact. Jobs another
+        process holds are put off while others remain, then waited for in turn.
+        Without a compile slot, only what others finished is taken until one
+        frees (section 8)."""
+        artifacts: list[AOTCompiledArtifact | None] = [None] * len(jobs)
+        left = defaultdict(int)  # entry -> jobs not done: its time is logged when it reaches 0
+        for _, _, entry in jobs:
+            left[entry] += 1
+        slot = compile_slot(self, 0) if self.shared_dir is not None else None
+        take_only = slot is None and self.shared_dir is not None
+        pending, wait = list(range(len(jobs))), False
+        try:
+            while pending:
+                put_off = []
+                for i in pending:
+                    graph, example_inputs, entry = jobs[i]
+                    started = time.perf_counter()
+                    try:
+                        artifacts[i] = self._compile_or_reuse(graph, example_inputs, entry, wait, take_only)
+                    except PutOff:
+                        put_off.append(i)
+                        continue
+                    finally:
+                        self.seconds[entry] += time.perf_counter() - started
+                        wait = False  # one wait per pass, then whatever the others finished meanwhile
+                    counters.num_backend_compilations += 1
+                    left[entry] -= 1
+                    if left[entry] == 0:
+                        logger.info("Compiling a graph for compile range %s takes %.2f s", entry, self.seconds[entry])
+                if put_off and take_only:
+                    slot = compile_slot(self, self.wait_s)
+                    take_only = False  # with a slot, or after the bound without one
+                else:
+                    wait = True
+                pending = put_off
+        finally:
+            if slot is not None:
+                os.close(slot)
+        return artifacts
+
+    def compile(self, graph: fx.GraphModule, example_inputs: list, entry: Range) -> AOTCompiledArtifact:
+        return self.compile_all([(graph, example_inputs, entry)])[0]
+
+    def _compile_or_reuse(self, graph, example_inputs, entry, wait: bool = False,
+                          take_only: bool = False) -> AOTCompiledArtifact:
+        key, lock, found = None, None, None
+        compute_key = aot_autograd_cache.autograd_cache_key
+
+        def key_then_stop_on_hit(*args, **kwargs):
+            nonlocal key, lock, found
+            result = compute_key(*args, **kwargs)
+            key = (entry, result[0])
+            found = self._found(key)
+            if found is None and take_only:
+                raise PutOff
+            if found is None:
+                lock = lock_key(self, key, wait)
+                found = self._found(key)  # left by the process that held the lock
+            if found is not None:
+                raise StopCompiling
+            return result
+
+        try:
+            with (torch._functorch.config.patch(autograd_cache_normalize_inputs=True),
+                  patch.object(aot_autograd_cache, "autograd_cache_key", key_then_stop_on_hit)):
+                artifact = inductor_compile(graph, example_inputs, entry)
+        except StopCompiling:
+            if found == "memory":
+                counters.num_inmemory_cache_hits += 1
+                return self.artifacts[key]
+            artifact = self._load_piece(found)
+            if artifact is None:  # unreadable file: it is now in bad_files, so this compiles
+                return self._compile_or_reuse(graph, example_inputs, entry, wait, take_only)
+            if found == piece_path(self.shared_dir, key):
+                counters.num_artifacts_from_other_processes += 1
+                self._keep(key, artifact)
+        else:
+            counters.num_inductor_compiles += 1
+            self.blobs[id(artifact)] = artifact_bytes(artifact)
+            self._keep(key, artifact)
+            write_piece(piece_path(self.shared_dir, key), self.blobs[id(artifact)], logger.debug)  # section 8
+        finally:
+            if lock is not None:
+                os.close(lock)  # after the bytes are shared: a waiter finds them
+        if key is not None:  # None when Inductor could not key this graph: no sharing
+            self.artifacts[key] = artifact
+        return artifact
+
+    def _found(self, key) -> str | None:
+        """Where this key's artifact already is: "memory", or a file to load."""
+        if key in self.artifacts:
+            return "memory"
+        piece, shared = piece_path(self.pieces_dir, key), piece_path(self.shared_dir, key)
+        if piece is not None and piece not in self.bad_files and os.path.exists(piece):
+            return piece
+        if shared is None or shared in self.bad_files:
+            return None
+        with contextlib.suppress(OSError):  # absent
+            written = os.path.getmtime(shared)
+            if key[1] in self.held_elsewhere or written >= _started_at:
+                return shared
+        return None
+
+    def _load_piece(self, path: str) -> AOTCompiledArtifact | None:
+        try:
+            data = read_artifact(path)
+            # A piece's ranges compile to equal artifacts, and artifact_bytes gives
+            # those equal bytes: load each once.
+            digest = hashlib.sha256(data).digest()
+            if digest not in self.loaded:
+                self.loaded[digest] = load_artifact(data)
+            artifact = self.loaded[digest]
+        except Exception as e:
+            logger.warning("Compiling model again due to a load failure from %s, reason: %s", path, e)
+            self.bad_files.add(path)
+            return None
+        self.blobs[id(artifact)] = data
+        return artifact
+
+    def _keep(self, key, artifact) -> None:
+        """JIT mode: the piece's bytes in the cache folder, for the next start."""
+        data = self.blobs[id(artifact)]
+        if self.save_pieces and write_piece(piece_path(self.pieces_dir, key), data, logger.warning):
+            counters.num_compiled_artifacts_saved += 1
 
 
-# Compile once per machine. Tensor-parallel ranks trace identical graphs, and
-# replicas of one model start together on one node: each used to compile
-# every piece, on the same cores (8 ranks x 32 compile workers, pytorch issue
-# 190941), and vLLM's ranks miss each other's cache (vLLM issue 53958). Here
+def piece_path(folder: str | None, key: tuple[Range, str] | None) -> str | None:
+    """Where a piece's artifact is kept in a folder (JIT mode's, or the one
+    processes share), named by its entry and AOT key."""
+    if folder is None or key is None:  # None: Inductor could not key the graph
+        return None
+    return os.path.join(folder, hashlib.sha256(f"{key[0]} {key[1]}".encode()).hexdigest()[:32])
+
+
+def write_piece(path: str | None, data: bytes, log: Callable) -> bool:
+    if path is None:
+        return False
+    try:
+        write_artifact(path, data)
+        return True
+    except OSError as e:  # a full disk: kept in memory only; a process that wanted it compiles it itself
+        log("vcompile: could not save %s: %s", path, e)
+        return False
+
+
+# =============================================================================
+# 8. Compiling once per machine
+#
+# Tensor-parallel ranks trace identical graphs, and replicas of one model
+# start together on one node: each used to compile every piece, on the same
+# cores (8 ranks x 32 compile workers, pytorch issue 190941), and vLLM's
+# ranks miss each other's cache (vLLM issue 53958). Here
 # the processes on one cache root split the work by the AOT key: the first
 # to want a key holds its flock in <hash>/shared_pieces while it compiles,
 # then leaves the artifact's bytes there. Another process that wants the key
@@ -1132,6 +1296,11 @@ class PutOff(BaseException):
 # cores paid it four times, on the cores the compiles needed. A slot comes
 # free when its holder has compiled or taken everything it needs, so the
 # waiter then mostly takes.
+# =============================================================================
+
+
+class PutOff(BaseException):
+    """Another process is compiling this piece now: compile another first."""
 
 
 def _process_started_at() -> float:
@@ -1151,226 +1320,57 @@ def _process_started_at() -> float:
 _started_at = _process_started_at()
 
 
-class CompilerManager:
-    """Compiles the pieces of one backend call; owns the in-memory cache."""
-
-    def __init__(self, pieces_dir: str | None = None, shared_dir: str | None = None, wait_s: float = 300.0,
-                 slots: int | None = None):
-        self.artifacts: dict[tuple[Range, str], AOTCompiledArtifact] = {}  # (entry, AOT key) -> artifact
-        self.blobs: dict[int, bytes] = {}  # id(artifact) -> its bytes, serialized once
-        self.seconds: dict[Range, float] = defaultdict(float)  # compile time per entry, all pieces
-        self.pieces_dir = pieces_dir  # JIT mode: artifacts on disk, keyed like the in-memory cache
-        self.save_pieces = pieces_dir is not None and os.access(pieces_dir, os.W_OK)  # False: a shipped cache
-        self.bad_files: set[str] = set()
-        self.loaded: dict[bytes, AOTCompiledArtifact] = {}  # file content hash -> artifact: load each once
-        self.shared_dir = shared_dir  # None: a read-only or no cache root, compile alone
-        self.wait_s = wait_s
-        self.held_elsewhere: set[str] = set()  # AOT keys another process held when this one wanted them
-        self.waited_s = 0.0
-        self.slots = slots or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-    def compile_all(self, jobs: list[tuple[fx.GraphModule, list, Range]]) -> list[AOTCompiledArtifact]:
-        """Each (piece, example inputs, entry) job's artifact. Jobs another
-        process holds are put off while others remain, then waited for in turn.
-        Without a compile slot, only what others finished is taken until one frees."""
-        artifacts: list[AOTCompiledArtifact | None] = [None] * len(jobs)
-        left = defaultdict(int)  # entry -> jobs not done: its time is logged when it reaches 0
-        for _, _, entry in jobs:
-            left[entry] += 1
-        slot = self._compile_slot(0) if self.shared_dir is not None else None
-        take_only = slot is None and self.shared_dir is not None
-        pending, wait = list(range(len(jobs))), False
-        try:
-            while pending:
-                put_off = []
-                for i in pending:
-                    graph, example_inputs, entry = jobs[i]
-                    started = time.perf_counter()
-                    try:
-                        artifacts[i] = self._compile_or_reuse(graph, example_inputs, entry, wait, take_only)
-                    except PutOff:
-                        put_off.append(i)
-                        continue
-                    finally:
-                        self.seconds[entry] += time.perf_counter() - started
-                        wait = False  # one wait per pass, then whatever the others finished meanwhile
-                    counters.num_backend_compilations += 1
-                    left[entry] -= 1
-                    if left[entry] == 0:
-                        logger.info("Compiling a graph for compile range %s takes %.2f s", entry, self.seconds[entry])
-                if put_off and take_only:
-                    slot = self._compile_slot(self.wait_s)
-                    take_only = False  # with a slot, or after the bound without one
-                else:
-                    wait = True
-                pending = put_off
-        finally:
-            if slot is not None:
-                os.close(slot)
-        return artifacts
-
-    def compile(self, graph: fx.GraphModule, example_inputs: list, entry: Range) -> AOTCompiledArtifact:
-        return self.compile_all([(graph, example_inputs, entry)])[0]
-
-    def _compile_or_reuse(self, graph, example_inputs, entry, wait: bool = False,
-                          take_only: bool = False) -> AOTCompiledArtifact:
-        key, lock, found = None, None, None
-        compute_key = aot_autograd_cache.autograd_cache_key
-
-        def key_then_stop_on_hit(*args, **kwargs):
-            nonlocal key, lock, found
-            result = compute_key(*args, **kwargs)
-            key = (entry, result[0])
-            found = self._found(key)
-            if found is None and take_only:
-                raise PutOff
-            if found is None:
-                lock = self._lock(key, wait)
-                found = self._found(key)  # left by the process that held the lock
-            if found is not None:
-                raise StopCompiling
-            return result
-
-        try:
-            with (torch._functorch.config.patch(autograd_cache_normalize_inputs=True),
-                  patch.object(aot_autograd_cache, "autograd_cache_key", key_then_stop_on_hit)):
-                artifact = inductor_compile(graph, example_inputs, entry)
-        except StopCompiling:
-            if found == "memory":
-                counters.num_inmemory_cache_hits += 1
-                return self.artifacts[key]
-            artifact = self._load_piece(found)
-            if artifact is None:  # unreadable file: it is now in bad_files, so this compiles
-                return self._compile_or_reuse(graph, example_inputs, entry, wait, take_only)
-            if found == self._shared_path(key):
-                counters.num_artifacts_from_other_processes += 1
-                self._save_piece(key, artifact)
-        else:
-            counters.num_inductor_compiles += 1
-            self.blobs[id(artifact)] = artifact_bytes(artifact)
-            self._save_piece(key, artifact)
-            self._share(key, artifact)
-        finally:
-            if lock is not None:
-                os.close(lock)  # after _share: a waiter finds the bytes
-        if key is not None:  # None when Inductor could not key this graph: no sharing
-            self.artifacts[key] = artifact
-        return artifact
-
-    def _found(self, key) -> str | None:
-        """Where this key's artifact already is: "memory", or a file to load."""
-        if key in self.artifacts:
-            return "memory"
-        piece, shared = self._piece_path(key), self._shared_path(key)
-        if piece is not None and piece not in self.bad_files and os.path.exists(piece):
-            return piece
-        if shared is None or shared in self.bad_files:
-            return None
-        with contextlib.suppress(OSError):  # absent
-            written = os.path.getmtime(shared)
-            if key[1] in self.held_elsewhere or written >= _started_at:
-                return shared
+def compile_slot(manager: CompilerManager, wait_s: float) -> int | None:
+    """A held compile slot, or None: none came free within wait_s, or
+    the root cannot be locked (then sharing is off: compile alone)."""
+    started, deadline = time.perf_counter(), time.monotonic() + wait_s
+    try:
+        while True:
+            for i in range(manager.slots):
+                slot = lock_file(os.path.join(manager.shared_dir, f"compile-slot-{i}.lock"), 0)
+                if slot is not None:
+                    return slot
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+    except OSError as e:  # a root made read-only or full meanwhile
+        logger.debug("vcompile: cannot lock %s: %s", manager.shared_dir, e)
+        manager.shared_dir = None
         return None
+    finally:
+        if wait_s:  # a first try that finds a slot is no wait: a start alone logs nothing
+            manager.waited_s += time.perf_counter() - started
+    if wait_s:
+        logger.warning("vcompile: waited %.0f s for one of the %d compile slots in %s; compiling here "
+                       "(compile_wait_s sets the wait)", wait_s, manager.slots, manager.shared_dir)
+    return None
 
-    def _compile_slot(self, wait_s: float) -> int | None:
-        """A held compile slot, or None: none came free within wait_s, or
-        the root cannot be locked (then sharing is off: compile alone)."""
-        started, deadline = time.perf_counter(), time.monotonic() + wait_s
-        try:
-            while True:
-                for i in range(self.slots):
-                    slot = lock_file(os.path.join(self.shared_dir, f"compile-slot-{i}.lock"), 0)
-                    if slot is not None:
-                        return slot
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(0.05)
-        except OSError as e:  # a root made read-only or full meanwhile
-            logger.debug("vcompile: cannot lock %s: %s", self.shared_dir, e)
-            self.shared_dir = None
-            return None
-        finally:
-            if wait_s:  # a first try that finds a slot is no wait: a start alone logs nothing
-                self.waited_s += time.perf_counter() - started
-        if wait_s:
-            logger.warning("vcompile: waited %.0f s for one of the %d compile slots in %s; compiling here "
-                           "(compile_wait_s sets the wait)", wait_s, self.slots, self.shared_dir)
+
+def lock_key(manager: CompilerManager, key, wait: bool) -> int | None:
+    """The AOT key's lock, or None where there is no sharing; PutOff while
+    another process holds it, unless this job waits for it."""
+    if manager.shared_dir is None:
         return None
-
-    def _lock(self, key, wait: bool) -> int | None:
-        """The AOT key's lock, or None where there is no sharing; PutOff while
-        another process holds it, unless this job waits for it."""
-        if self.shared_dir is None:
-            return None
-        name = hashlib.sha256(key[1].encode()).hexdigest()[:32]
-        try:
-            started = time.perf_counter()
-            lock = lock_file(os.path.join(self.shared_dir, f"{name}.lock"), self.wait_s if wait else 0)
-            if wait:
-                self.waited_s += time.perf_counter() - started
-        except OSError as e:  # a root made read-only or full meanwhile: compile alone
-            logger.debug("vcompile: cannot lock %s: %s", self.shared_dir, e)
-            return None
-        if lock is None and not wait:
-            self.held_elsewhere.add(key[1])
-            raise PutOff
-        if lock is None:
-            logger.warning("vcompile: waited %.0f s for another process compiling a piece for range %s into %s; "
-                           "compiling it here (compile_wait_s sets the wait)", self.wait_s, key[0], self.shared_dir)
-        return lock
-
-    def _piece_path(self, key) -> str | None:
-        if self.pieces_dir is None or key is None:
-            return None
-        return os.path.join(self.pieces_dir, piece_file_name(key))
-
-    def _shared_path(self, key) -> str | None:
-        if self.shared_dir is None or key is None:
-            return None
-        return os.path.join(self.shared_dir, piece_file_name(key))
-
-    def _load_piece(self, path: str) -> AOTCompiledArtifact | None:
-        try:
-            data = read_artifact(path)
-            # A piece's ranges compile to equal artifacts, and artifact_bytes gives
-            # those equal bytes: load each once.
-            digest = hashlib.sha256(data).digest()
-            if digest not in self.loaded:
-                self.loaded[digest] = load_artifact(data)
-            artifact = self.loaded[digest]
-        except Exception as e:
-            logger.warning("Compiling model again due to a load failure from %s, reason: %s", path, e)
-            self.bad_files.add(path)
-            return None
-        self.blobs[id(artifact)] = data
-        return artifact
-
-    def _save_piece(self, key, artifact) -> None:
-        path = self._piece_path(key)
-        if path is None or not self.save_pieces:
-            return
-        try:
-            write_artifact(path, self.blobs[id(artifact)])
-            counters.num_compiled_artifacts_saved += 1
-        except OSError as e:
-            logger.warning("vcompile: could not save %s: %s", path, e)
-
-    def _share(self, key, artifact) -> None:
-        path = self._shared_path(key)
-        if path is None:
-            return
-        try:
-            write_artifact(path, self.blobs[id(artifact)])
-        except OSError as e:  # the others compile it themselves
-            logger.debug("vcompile: could not share %s: %s", path, e)
-
-
-def piece_file_name(key: tuple[Range, str]) -> str:
-    return hashlib.sha256(f"{key[0]} {key[1]}".encode()).hexdigest()[:32]
+    name = hashlib.sha256(key[1].encode()).hexdigest()[:32]
+    try:
+        started = time.perf_counter()
+        lock = lock_file(os.path.join(manager.shared_dir, f"{name}.lock"), manager.wait_s if wait else 0)
+        if wait:
+            manager.waited_s += time.perf_counter() - started
+    except OSError as e:  # a root made read-only or full meanwhile: compile alone
+        logger.debug("vcompile: cannot lock %s: %s", manager.shared_dir, e)
+        return None
+    if lock is None and not wait:
+        manager.held_elsewhere.add(key[1])
+        raise PutOff
+    if lock is None:
+        logger.warning("vcompile: waited %.0f s for another process compiling a piece for range %s into %s; "
+                       "compiling it here (compile_wait_s sets the wait)", manager.wait_s, key[0], manager.shared_dir)
+    return lock
 
 
 # =============================================================================
-# 8. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
+# 9. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
 #
 # Before PR 35472 a piece compiled a range the first time a call landed in
 # it: compiles happened in the middle of serving and the reported compile time
@@ -1443,7 +1443,7 @@ class PiecewiseCompileInterpreter(fx.Interpreter):
 
 
 # =============================================================================
-# 9. Codegen with inlined submodules (vLLM PR 40151)
+# 10. Codegen with inlined submodules (vLLM PR 40151)
 #
 # The split graph is only glue: call piece 0, unpack, call attention, call
 # piece 1, ... Running it as an FX GraphModule means pickling that module with
@@ -1541,7 +1541,7 @@ def bind_execution_code(code: str, consts: list, submods: list[Callable]) -> Cal
 
 
 # =============================================================================
-# 10. Serializable compiled function: save and load (vLLM PR 40151)
+# 11. Serializable compiled function: save and load (vLLM PR 40151)
 #
 # What the backend returns, and what torch's AOT entry point saves. It holds
 # everything needed to rebuild the callable in another process: the compile
@@ -1633,7 +1633,7 @@ def load_split_graph(data: bytes) -> fx.GraphModule:
 
 
 # The AOT artifact, <rank dir>/model: torch's saved function, what the save
-# cannot carry (section 16), and the CPU vector ISA its kernels were built
+# cannot carry (section 17), and the CPU vector ISA its kernels were built
 # for, in one file checked by sha256 like every artifact.
 
 
@@ -1657,7 +1657,7 @@ def save_aot_artifact(cache: CacheDir, aot_fn, model: torch.nn.Module, installed
             "modules": {name: v.__name__ for name, v in installed.items() if inspect.ismodule(v)},
             "vec_isa": picked_vec_isa(device),
             # Which sizes this trace runs and why the others fail, read
-            # before the next trace is loaded or made (section 14).
+            # before the next trace is loaded or made (section 15).
             "size_table": state["size_table"],
             "size_guards": state["size_guards"],
             "traced": state["traced"],
@@ -1795,11 +1795,11 @@ def check_sources_unchanged(hashes: dict[str, str]) -> None:
 
 
 # =============================================================================
-# 11. The backend
+# 12. The backend
 #
 # What Dynamo calls with the graph it traced: split it (section 5), compile
-# every piece for every entry (6 to 8), write the execution code (9), and
-# return the serializable function (10). It runs once per trace: in AOT mode
+# every piece for every entry (6 to 9), write the execution code (10), and
+# return the serializable function (11). It runs once per trace: in AOT mode
 # at a cold start only, in JIT mode at every start, where the compiler
 # manager loads each piece from the cache folder instead of compiling it.
 # =============================================================================
@@ -1868,14 +1868,14 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
         state["code"], state["consts"] = generate_execution_code(split_gm, compile_names)
     else:
         state["split_graph"] = dump_split_graph(split_gm)
-    # Counted once it compiled: an unbacked attempt that failed is traced again (section 13).
+    # Counted once it compiled: an unbacked attempt that failed is traced again (section 14).
     counters.num_unbacked_traces += traced == "unbacked"
     counters.num_backed_traces += traced == "backed"
     return VcompileFunction(state, link(state, live, split_gm))
 
 
 # =============================================================================
-# 12. The first call: load, or compile and save, or trace (JIT)
+# 13. The first call: load, or compile and save, or trace (JIT)
 #
 # compile() only wraps the model. Its first call does the work, under the
 # monitor and inside the cache folder, in one of three ways:
@@ -1888,7 +1888,7 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 #     by an earlier start instead of compiling it.
 # Later calls check their inputs against what was compiled, and run. How the
 # model is traced, the traces for sizes the first one excludes, and doing it
-# all before the first call are sections 13 to 15.
+# all before the first call are sections 14 to 16.
 # =============================================================================
 
 
@@ -1956,7 +1956,7 @@ class CompiledModel:
         background=True the work runs on a thread and prepare returns at once;
         the first call waits for it and raises what it raised. (JIT mode
         cannot trace without running: there the example inputs run once.)"""
-        start_up(self, args, kwargs, background)  # section 15
+        start_up(self, args, kwargs, background)  # section 16
 
     def _first(self, args, kwargs, run: bool = True):
         """The first call, a prepare(), or the first run after a prepare();
@@ -2056,7 +2056,7 @@ class CompiledModel:
     def _compile_and_save(self, args, kwargs, dims, trace: int = 0, at_size: int | None = None,
                           serves: list[bool] | None = None, pieces_dir: str | None = None):
         """The AOT function, traced once and saved; None when it cannot be
-        saved so that it loads back (section 16). A later trace is traced
+        saved so that it loads back (section 17). A later trace is traced
         backed at `at_size` and compiled for the sizes it `serves`. JIT
         mode's later traces pass its `pieces_dir` and save no function."""
         module_globals = set(self.model.forward.__globals__)
@@ -2194,7 +2194,7 @@ def aot_trace(aot_fn, saved: dict, loaded: bool, isa: dict | None = None) -> dic
 
 
 # =============================================================================
-# 13. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
+# 14. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
 #
 # A dynamic size Dynamo may guard on ("backed") has, under
 # backed_size_oblivious, a range that holds 1. So every layout question in
@@ -2260,7 +2260,7 @@ def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int
     of a one-token call runs at two tokens, its tensors repeated along the
     token dim. An unbacked trace decides nothing at the size it sees.
 
-    A later trace (section 14) is traced at `at_size`: the first call's
+    A later trace (section 15) is traced at `at_size`: the first call's
     tensors repeated along the token dim and cut to that size.
     """
     # Each input stays where the call put it: the code Dynamo writes for a
@@ -2322,7 +2322,7 @@ def _tracing_patches():
 
 
 # =============================================================================
-# 14. Sizes the first trace excludes: later traces
+# 15. Sizes the first trace excludes: later traces
 #
 # Stock torch.compile traces again when a guard fails, in the middle of
 # serving; vLLM drops the guard and runs the wrong branch. vcompile traces
@@ -2435,7 +2435,7 @@ def refused(compiled: CompiledModel, size: int, traces: list[dict]) -> ValueErro
 
 
 # =============================================================================
-# 15. Compiling at start-up (prepare)
+# 16. Compiling at start-up (prepare)
 #
 # prepare() does the first call's work before it, from example inputs, and
 # runs nothing: a server's first request should not pay for the compile
@@ -2475,7 +2475,7 @@ def start_up(compiled: CompiledModel, args: tuple, kwargs: dict, background: boo
 
 
 # =============================================================================
-# 16. What a save cannot carry: models people bring
+# 17. What a save cannot carry: models people bring
 #
 # Hugging Face decoders broke the saved artifact three ways. Their forward is
 # wrapped by decorators, and pickle cannot store the original function that a
@@ -2598,7 +2598,7 @@ def aot_unavailable(cache: CacheDir | None) -> str | None:
 
 
 # =============================================================================
-# 17. The cache from the command line: list, remove, prune
+# 18. The cache from the command line: list, remove, prune
 #
 #   python -m vcompile cache [ROOT] [--json]      what each hash folder holds
 #   python -m vcompile cache ROOT --remove HASH   delete one folder
@@ -2637,7 +2637,7 @@ def cache_listing(root: str) -> list[dict]:
             "path": folder,
             "model": factors.get("model"),
             "vcompile": factors.get("vcompile_version"),  # None: written before 0.2.0
-            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 13); None: not yet, or before 0.2.0
+            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 14); None: not yet, or before 0.2.0
             "backed_because": factors.get("backed_because"),  # why not unbacked, where it was tried
             "trace_sizes": factors.get("trace_sizes"),  # the sizes each trace runs, where there are several
             "torch": (factors.get("torch") or [None])[0],
