@@ -331,6 +331,18 @@ def record_logs() -> _Recorder:
     return recorder
 
 
+@contextlib.contextmanager
+def recorded():
+    """What vcompile logs and counts inside: {"logs": lines, "counters":
+    {field: delta}}, filled in on the way out."""
+    logs, before, seen = record_logs(), counter_values(), {}
+    try:
+        yield seen
+    finally:
+        logging.getLogger("vcompile").removeHandler(logs)
+        seen.update(logs=logs.lines, counters={k: v - before[k] for k, v in counter_values().items()})
+
+
 def child_decoder(root: str | None, device: str = "cpu", layers: int = 2, sizes=SMALL_SIZES,
                   config_kwargs: dict | None = None, first_size: int = 9,
                   drop_field: str | None = None, pause_before_rename: str | None = None,
@@ -795,6 +807,147 @@ def test_a_cold_start_leaves_its_factors_and_a_warm_one_reads_none(device, cold_
 # --- faults: the cache must never crash a start, serve a stale artifact, or corrupt itself
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_deleted_inductor_cache_loads_from_the_artifact_alone(device, cold_cache, tmp_path):
+    # One layer, ranges only: on CPU every kernel is rebuilt, so keep them few.
+    small = dict(root=str(tmp_path), device=device, layers=1, config_kwargs={"compile_sizes": []})
+    cold = run_child("child_decoder", seed=cold_cache(device)["hash_dir"], **small)
+    shutil.rmtree(os.path.join(cold["hash_dir"], "inductor_cache"))
+    result = run_child("child_decoder", **small)
+    # The artifact carries every kernel's source: Inductor rebuilds them (on
+    # CPU with gcc, slowly) and no graph is compiled again.
+    assert_counters(result, **WARM)
+    assert not [line for line in result["logs"] if line.startswith("WARNING")]
+    assert_matches_eager(result, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_processes_compiling_into_one_root_at_once_all_succeed(device, cold_cache, tmp_path):
+    root = tmp_path / "together"
+    cold_copy(cold_cache, device, root, keep_model=False)
+    together = run_children([("child_decoder", dict(root=str(root), device=device))] * 4)
+    for result in together:
+        assert_counters(result, num_aot_compiles=1, num_aot_artifacts_saved=1, num_backend_compilations=9)
+        assert_matches_eager(result, device)
+    # Each (piece, entry) compiled by one of them, the others took it (section 8).
+    assert sum(r["counters"]["num_inductor_compiles"] for r in together) == 9
+    assert sum(r["counters"]["num_artifacts_from_other_processes"] for r in together) == 3 * 9
+    # No more of them compiled than there are cores (compile slots): the rest only took.
+    assert sum(r["counters"]["num_inductor_compiles"] > 0 for r in together) <= len(os.sched_getaffinity(0))
+    assert {r["counters"]["num_compiled_artifacts_saved"] for r in together} == {6}
+    fifth = run_child("child_decoder", root=str(root), device=device)
+    assert_counters(fifth, **WARM)
+    assert_matches_eager(fifth, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_ranks_share_a_hash_folder_and_each_starts_warm(device, cold_cache, tmp_path):
+    copy = cold_copy(cold_cache, device, tmp_path, keep_model=False)
+    rounds = []
+    for name in ("cold", "warm"):
+        store = str(tmp_path / f"store-{name}")
+        rounds.append(run_children([("child_decoder", dict(root=str(tmp_path), device=device, rank=rank, world=2,
+                                                            store=store)) for rank in (0, 1)]))
+    assert sorted(d for d in os.listdir(copy) if d.startswith("rank_")) == ["rank_0_0", "rank_1_0"]
+    assert all(os.path.isfile(os.path.join(copy, d, "model")) for d in ("rank_0_0", "rank_1_0"))
+    # Two processes started together compile between them what one compiles alone (section 8).
+    assert sum(cold["counters"]["num_inductor_compiles"] for cold in rounds[0]) == 9
+    for cold, warm in zip(*rounds):
+        assert cold["hash_dir"] == warm["hash_dir"] == copy  # one folder, one inductor_cache for both ranks
+        assert_counters(cold, num_aot_compiles=1, num_aot_artifacts_saved=1)
+        assert_counters(warm, **WARM)
+        assert_matches_eager(cold, device)
+        assert_matches_eager(warm, device)
+
+
+def unwritable_roots(tmp_path) -> dict[str, str]:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    # Permissions do not stop root; a read-only file system does (/sys).
+    return {"read-only": str(read_only) if os.geteuid() != 0 else "/sys",
+            "cannot be created": str(blocker / "cache")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["read-only", "cannot be created"])
+def test_an_unwritable_root_compiles_anyway_and_warns_once(device, kind, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="vcompile")
+    monkeypatch.setattr(vcompile, "_reported_roots", set())
+    root = unwritable_roots(tmp_path)[kind]
+    for _ in range(2):
+        model = decoder(device)
+        fn = vcompile.compile(model, config(disable_cache=False, cache_dir=root, **SMALL_CONFIG))
+        assert max(max_error(fn, model, [9, 4], device).values()) <= TOL[device]
+        torch._dynamo.reset()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "vcompile" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"vcompile: cannot write the compile cache under {root}")
+
+
+def snapshot(path) -> dict:
+    return {f: (os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f)))
+            for f in files_under(path)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["config", "environment"])
+def test_a_disabled_cache_reads_and_writes_nothing(device, how, cold_cache, tmp_path, monkeypatch):
+    cold_copy(cold_cache, device, tmp_path)
+    before = snapshot(tmp_path)
+    if how == "environment":
+        monkeypatch.setenv("VCOMPILE_DISABLE_CACHE", "1")
+    cfg = CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=str(tmp_path),
+                            disable_cache=how == "config", **SMALL_CONFIG)
+    with counters.expect(num_aot_artifacts_loaded=0, num_aot_compiles=1, num_aot_artifacts_saved=0):
+        fn = vcompile.compile(decoder(device), cfg)
+        fn(token_ids(9, device))
+    assert fn.cache is None and snapshot(tmp_path) == before
+
+
+def test_cache_hash_changes_with_what_changes_the_code(monkeypatch):
+    cfg = config(**SMALL_CONFIG)
+    base = hash_of(decoder("cpu"), cfg)
+    other_weights = decoder("cpu")
+    with torch.no_grad():
+        for p in other_weights.parameters():
+            p.add_(1.0)
+    unchanged = {
+        "weights' values": hash_of(other_weights, cfg),
+        "use_aot": hash_of(decoder("cpu"), dataclasses.replace(cfg, use_aot=False)),
+        "cache_dir": hash_of(decoder("cpu"), dataclasses.replace(cfg, cache_dir="/elsewhere")),
+        "endpoint order": hash_of(decoder("cpu"), dataclasses.replace(cfg, compile_ranges_endpoints=[8, 8, 1])),
+    }
+    assert all(h == base for h in unchanged.values()), unchanged
+    changed = {
+        "parameter shape": hash_of(decoder("cpu", hidden=32), cfg),
+        "parameter dtype": hash_of(decoder("cpu").double(), cfg),
+        "depth": hash_of(decoder("cpu", layers=3), cfg),
+        "splitting_ops": hash_of(decoder("cpu"), dataclasses.replace(cfg, splitting_ops=["other::op"])),
+        "ranges": hash_of(decoder("cpu"), dataclasses.replace(cfg, compile_ranges_endpoints=[16])),
+        "token budget": hash_of(decoder("cpu"), dataclasses.replace(cfg, max_num_batched_tokens=64)),
+        "sizes": hash_of(decoder("cpu"), dataclasses.replace(cfg, compile_sizes=[4, 8])),
+        "use_codegen": hash_of(decoder("cpu"), dataclasses.replace(cfg, use_codegen=False)),
+        "encoder": hash_of(decoder("cpu"), cfg, is_encoder=True),
+        "device": hash_of(decoder("cpu"), cfg, device="meta"),
+        "dynamic dims": hash_of(decoder("cpu"), cfg, dims={"input_ids": -1}),
+    }
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    changed["torch version"] = hash_of(decoder("cpu"), cfg)
+    monkeypatch.setattr(vcompile, "__name__", "myproj._vendor.vcompile")
+    changed["a vendored copy"] = hash_of(decoder("cpu"), cfg)
+    monkeypatch.undo()
+    with torch._inductor.config.patch(max_autotune=True):
+        changed["inductor config"] = hash_of(decoder("cpu"), cfg)
+    assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
+
+
+# =============================================================================
+# 4. Files on disk: atomic writes, checksums, read-only views, trust
+# =============================================================================
+
+
 def damage(path: str, how: str) -> None:
     data = open(path, "rb").read()
     damaged = {"truncated": data[: len(data) // 2], "zero-length": b"",
@@ -877,20 +1030,6 @@ def test_forced_aot_load_raises_on_the_same_faults(device, cold_cache, tmp_path)
     assert "checksum mismatch" in errors[0] and "FileNotFoundError" in errors[3]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_deleted_inductor_cache_loads_from_the_artifact_alone(device, cold_cache, tmp_path):
-    # One layer, ranges only: on CPU every kernel is rebuilt, so keep them few.
-    small = dict(root=str(tmp_path), device=device, layers=1, config_kwargs={"compile_sizes": []})
-    cold = run_child("child_decoder", seed=cold_cache(device)["hash_dir"], **small)
-    shutil.rmtree(os.path.join(cold["hash_dir"], "inductor_cache"))
-    result = run_child("child_decoder", **small)
-    # The artifact carries every kernel's source: Inductor rebuilds them (on
-    # CPU with gcc, slowly) and no graph is compiled again.
-    assert_counters(result, **WARM)
-    assert not [line for line in result["logs"] if line.startswith("WARNING")]
-    assert_matches_eager(result, device)
-
-
 def wait_for(path: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
@@ -925,71 +1064,6 @@ def test_a_process_killed_while_saving_leaves_the_old_artifact_or_none(device, c
     for result in (warm, cold):
         assert not [line for line in result["logs"] if line.startswith("WARNING")]
         assert_matches_eager(result, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_processes_compiling_into_one_root_at_once_all_succeed(device, cold_cache, tmp_path):
-    root = tmp_path / "together"
-    cold_copy(cold_cache, device, root, keep_model=False)
-    together = run_children([("child_decoder", dict(root=str(root), device=device))] * 4)
-    for result in together:
-        assert_counters(result, num_aot_compiles=1, num_aot_artifacts_saved=1, num_backend_compilations=9)
-        assert_matches_eager(result, device)
-    # Each (piece, entry) compiled by one of them, the others took it (section 8).
-    assert sum(r["counters"]["num_inductor_compiles"] for r in together) == 9
-    assert sum(r["counters"]["num_artifacts_from_other_processes"] for r in together) == 3 * 9
-    # No more of them compiled than there are cores (compile slots): the rest only took.
-    assert sum(r["counters"]["num_inductor_compiles"] > 0 for r in together) <= len(os.sched_getaffinity(0))
-    assert {r["counters"]["num_compiled_artifacts_saved"] for r in together} == {6}
-    fifth = run_child("child_decoder", root=str(root), device=device)
-    assert_counters(fifth, **WARM)
-    assert_matches_eager(fifth, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_two_ranks_share_a_hash_folder_and_each_starts_warm(device, cold_cache, tmp_path):
-    copy = cold_copy(cold_cache, device, tmp_path, keep_model=False)
-    rounds = []
-    for name in ("cold", "warm"):
-        store = str(tmp_path / f"store-{name}")
-        rounds.append(run_children([("child_decoder", dict(root=str(tmp_path), device=device, rank=rank, world=2,
-                                                            store=store)) for rank in (0, 1)]))
-    assert sorted(d for d in os.listdir(copy) if d.startswith("rank_")) == ["rank_0_0", "rank_1_0"]
-    assert all(os.path.isfile(os.path.join(copy, d, "model")) for d in ("rank_0_0", "rank_1_0"))
-    # Two processes started together compile between them what one compiles alone (section 8).
-    assert sum(cold["counters"]["num_inductor_compiles"] for cold in rounds[0]) == 9
-    for cold, warm in zip(*rounds):
-        assert cold["hash_dir"] == warm["hash_dir"] == copy  # one folder, one inductor_cache for both ranks
-        assert_counters(cold, num_aot_compiles=1, num_aot_artifacts_saved=1)
-        assert_counters(warm, **WARM)
-        assert_matches_eager(cold, device)
-        assert_matches_eager(warm, device)
-
-
-def unwritable_roots(tmp_path) -> dict[str, str]:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    read_only = tmp_path / "read-only"
-    read_only.mkdir()
-    read_only.chmod(0o555)
-    # Permissions do not stop root; a read-only file system does (/sys).
-    return {"read-only": str(read_only) if os.geteuid() != 0 else "/sys",
-            "cannot be created": str(blocker / "cache")}
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["read-only", "cannot be created"])
-def test_an_unwritable_root_compiles_anyway_and_warns_once(device, kind, tmp_path, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="vcompile")
-    monkeypatch.setattr(vcompile, "_reported_roots", set())
-    root = unwritable_roots(tmp_path)[kind]
-    for _ in range(2):
-        model = decoder(device)
-        fn = vcompile.compile(model, config(disable_cache=False, cache_dir=root, **SMALL_CONFIG))
-        assert max(max_error(fn, model, [9, 4], device).values()) <= TOL[device]
-        torch._dynamo.reset()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "vcompile" and r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith(f"vcompile: cannot write the compile cache under {root}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1028,68 +1102,6 @@ def test_a_read_only_root_with_this_models_cache_starts_warm_and_writes_nothing(
     # slowed the better of two read-only starts to 2.2x the writable one.
     ratio = ro["first_call_s"] / rw["first_call_s"]
     assert ratio < 5.0, f"first call {ro['first_call_s']:.2f} s read-only, {rw['first_call_s']:.2f} s writable"
-
-
-def snapshot(path) -> dict:
-    return {f: (os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f)))
-            for f in files_under(path)}
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("how", ["config", "environment"])
-def test_a_disabled_cache_reads_and_writes_nothing(device, how, cold_cache, tmp_path, monkeypatch):
-    cold_copy(cold_cache, device, tmp_path)
-    before = snapshot(tmp_path)
-    if how == "environment":
-        monkeypatch.setenv("VCOMPILE_DISABLE_CACHE", "1")
-    cfg = CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=str(tmp_path),
-                            disable_cache=how == "config", **SMALL_CONFIG)
-    with counters.expect(num_aot_artifacts_loaded=0, num_aot_compiles=1, num_aot_artifacts_saved=0):
-        fn = vcompile.compile(decoder(device), cfg)
-        fn(token_ids(9, device))
-    assert fn.cache is None and snapshot(tmp_path) == before
-
-
-def test_cache_hash_changes_with_what_changes_the_code(monkeypatch):
-    cfg = config(**SMALL_CONFIG)
-    base = hash_of(decoder("cpu"), cfg)
-    other_weights = decoder("cpu")
-    with torch.no_grad():
-        for p in other_weights.parameters():
-            p.add_(1.0)
-    unchanged = {
-        "weights' values": hash_of(other_weights, cfg),
-        "use_aot": hash_of(decoder("cpu"), dataclasses.replace(cfg, use_aot=False)),
-        "cache_dir": hash_of(decoder("cpu"), dataclasses.replace(cfg, cache_dir="/elsewhere")),
-        "endpoint order": hash_of(decoder("cpu"), dataclasses.replace(cfg, compile_ranges_endpoints=[8, 8, 1])),
-    }
-    assert all(h == base for h in unchanged.values()), unchanged
-    changed = {
-        "parameter shape": hash_of(decoder("cpu", hidden=32), cfg),
-        "parameter dtype": hash_of(decoder("cpu").double(), cfg),
-        "depth": hash_of(decoder("cpu", layers=3), cfg),
-        "splitting_ops": hash_of(decoder("cpu"), dataclasses.replace(cfg, splitting_ops=["other::op"])),
-        "ranges": hash_of(decoder("cpu"), dataclasses.replace(cfg, compile_ranges_endpoints=[16])),
-        "token budget": hash_of(decoder("cpu"), dataclasses.replace(cfg, max_num_batched_tokens=64)),
-        "sizes": hash_of(decoder("cpu"), dataclasses.replace(cfg, compile_sizes=[4, 8])),
-        "use_codegen": hash_of(decoder("cpu"), dataclasses.replace(cfg, use_codegen=False)),
-        "encoder": hash_of(decoder("cpu"), cfg, is_encoder=True),
-        "device": hash_of(decoder("cpu"), cfg, device="meta"),
-        "dynamic dims": hash_of(decoder("cpu"), cfg, dims={"input_ids": -1}),
-    }
-    monkeypatch.setattr(torch, "__version__", "2.99.0")
-    changed["torch version"] = hash_of(decoder("cpu"), cfg)
-    monkeypatch.setattr(vcompile, "__name__", "myproj._vendor.vcompile")
-    changed["a vendored copy"] = hash_of(decoder("cpu"), cfg)
-    monkeypatch.undo()
-    with torch._inductor.config.patch(max_autotune=True):
-        changed["inductor config"] = hash_of(decoder("cpu"), cfg)
-    assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
-
-
-# =============================================================================
-# 4. Files on disk: atomic writes, checksums, read-only views, trust
-# =============================================================================
 
 
 def tampered(how: str, hash_dir: str) -> None:
@@ -2410,16 +2422,15 @@ def child_across_a_split(root: str, device: str) -> dict:
     the largest difference from eager, the counters, the log."""
     results = {}
     for name, (model_class, op, first_size) in ACROSS_A_SPLIT.items():
-        model, logs, before = model_class(), record_logs(), counter_values()
+        model = model_class()
         cfg = CompilationConfig(splitting_ops=[op], max_num_batched_tokens=64, compile_ranges_endpoints=[8],
                                 cache_dir=root)
-        fn = vcompile.compile(model, cfg)
-        fn(*across_a_split_inputs(name, first_size, device))
-        logging.getLogger("vcompile").removeHandler(logs)
+        with recorded() as first:
+            fn = vcompile.compile(model, cfg)
+            fn(*across_a_split_inputs(name, first_size, device))
         errors = {size: (fn(*inputs) - model(*inputs)).abs().max().item()
                   for size in range(1, 65) for inputs in [across_a_split_inputs(name, size, device)]}
-        results[name] = {"errors": errors, "logs": logs.lines,
-                         "counters": {k: v - before[k] for k, v in counter_values().items()}}
+        results[name] = {"errors": errors, **first}
     return results
 
 
@@ -2497,11 +2508,10 @@ def child_guarded(root: str, device: str) -> dict:
     raised. A root each: the same model first called at another size."""
     results = {}
     for name, (model_class, first_size, *_) in GUARDED.items():
-        model, logs, first = model_class(), record_logs(), counter_values()
-        root_of_model = os.path.join(root, name.replace(" ", "-"))
-        fn = vcompile.compile(model, CompilationConfig(cache_dir=root_of_model, **GUARD_CONFIG))
-        fn(torch.arange(first_size, dtype=torch.float32, device=device))
-        logging.getLogger("vcompile").removeHandler(logs)
+        model, root_of_model = model_class(), os.path.join(root, name.replace(" ", "-"))
+        with recorded() as first:
+            fn = vcompile.compile(model, CompilationConfig(cache_dir=root_of_model, **GUARD_CONFIG))
+            fn(torch.arange(first_size, dtype=torch.float32, device=device))
         before, files = counter_values(), snapshot(root_of_model)
         errors, refused = {}, {}
         for size in range(1, 66):
@@ -2510,9 +2520,8 @@ def child_guarded(root: str, device: str) -> dict:
                 errors[size] = (fn(x) - model(x)).abs().max().item()
             except ValueError as e:
                 refused[size] = str(e)
-        results[name] = {"errors": errors, "refused": refused, "unchanged": counter_values() == before
-                         and snapshot(root_of_model) == files, "logs": logs.lines,
-                         "counters": {k: v - first[k] for k, v in before.items()}}
+        results[name] = {"errors": errors, "refused": refused, **first,
+                         "unchanged": counter_values() == before and snapshot(root_of_model) == files}
     return {"models": results, "counters": counter_values()}
 
 
@@ -2754,8 +2763,6 @@ def child_brought_models(root: str, device: str, seed: str | None = None) -> dic
 
 
 def child_brought_model(root: str, device: str, cause: str, seed: str | None = None) -> dict:
-    logs = record_logs()
-    before = counter_values()
     torch.manual_seed(0)
     if cause == "nn.Sequential":  # a forward torch defines: Dynamo wraps it in a closure of its own
         model = torch.nn.Sequential(bench.Decoder()).to(device)
@@ -2772,15 +2779,13 @@ def child_brought_model(root: str, device: str, cause: str, seed: str | None = N
             root, "torch_aot_compile", hash_of(model, cfg, device, dims=dims), "inductor_cache"))
     fn = vcompile.compile(model, cfg, dynamic_arg_dims=None if cause == "keywords" else dims)
     errors, structure_matches = {}, True
-    with torch.no_grad():
+    with torch.no_grad(), recorded() as seen:
         for size in SMALL_SIZES:
             got, want = leaves(call_shaped(fn, cause, size, device)), leaves(call_shaped(model, cause, size, device))
             structure_matches &= [x for x in got if not isinstance(x, torch.Tensor)] == \
                 [x for x in want if not isinstance(x, torch.Tensor)]
             errors[size] = max((a - b).abs().max().item() for a, b in zip(got, want) if isinstance(a, torch.Tensor))
-    logging.getLogger("vcompile").removeHandler(logs)
-    result = {"counters": {k: v - before[k] for k, v in counter_values().items()}, "errors": errors,
-              "logs": logs.lines, "structure": structure_matches}
+    result = {**seen, "errors": errors, "structure": structure_matches}
     if cause == "keywords":  # the flag was traced as a constant: another value must not run silently
         try:
             fn(input_ids=token_ids(9, device), positions=torch.zeros(9, device=device), use_cache=True)
@@ -2931,21 +2936,17 @@ def child_hf_on_meta(root: str, device: str) -> dict:
 
 
 def child_hf(root: str, device: str, name: str, swap_weights: bool = False) -> dict:
-    logs = record_logs()
-    before = counter_values()
     torch.manual_seed(0)
     model = bench.hf_model(name).to(device)
     cfg = CompilationConfig(splitting_ops=bench.HF_SPLITTING_OPS, cache_dir=root, **SMALL_CONFIG)
     fn = vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": 1})
     errors = {}
-    with torch.no_grad():
+    with torch.no_grad(), recorded() as seen:
         for size in SMALL_SIZES:
             out = fn(hf_ids(size, device))
             assert type(out).__name__ == "BaseModelOutputWithPast"
             errors[size] = (out.last_hidden_state - model(hf_ids(size, device)).last_hidden_state).abs().max().item()
-    logging.getLogger("vcompile").removeHandler(logs)
-    result = {"counters": {k: v - before[k] for k, v in counter_values().items()}, "errors": errors,
-              "logs": logs.lines}
+    result = {**seen, "errors": errors}
     if swap_weights:  # the weights are read from the model at every call, also after a warm load
         torch.manual_seed(1)
         other = bench.hf_model(name).to(device)
@@ -3170,7 +3171,7 @@ def child_generate(root: str, device: str, names=("decoder", "llama"), first_pro
     for each model in `names`; with each model's counters and logs."""
     results = {}
     for name in names:
-        model, logs, before = cached_model(name, device), record_logs(), counter_values()
+        model = cached_model(name, device)
         dim = 0 if name in UNBATCHED else 1
         fn = vcompile.compile(model, CompilationConfig(splitting_ops=bench.KV_SPLITTING_OPS, cache_dir=root,
                                                        **GENERATE_CONFIG),
@@ -3183,19 +3184,18 @@ def child_generate(root: str, device: str, names=("decoder", "llama"), first_pro
             return out
 
         result = {}
-        for prompt_size, new_tokens in ((first_prompt, 32), (12, 8)):  # the second prompt overwrites the first's cache
-            with torch.no_grad():
-                eager_tokens, eager_logits = bench.generate(model, model, prompt_ids(name, prompt_size, device), new_tokens)
-                tokens, logits = bench.generate(step, model, prompt_ids(name, prompt_size, device), new_tokens)
-            result["first" if prompt_size == first_prompt else "second"] = {
-                "same_tokens": tokens.tolist() == eager_tokens.tolist(),
-                "varied": len(set(eager_tokens.tolist())) > 1,
-                "logits_error": (logits - eager_logits).abs().max().item()}
+        with recorded() as seen:  # its counters are the first call's: compiled_after_first_call says so
+            for prompt_size, new_tokens in ((first_prompt, 32), (12, 8)):  # the second prompt overwrites the first's cache
+                with torch.no_grad():
+                    eager_tokens, eager_logits = bench.generate(model, model, prompt_ids(name, prompt_size, device),
+                                                                new_tokens)
+                    tokens, logits = bench.generate(step, model, prompt_ids(name, prompt_size, device), new_tokens)
+                result["first" if prompt_size == first_prompt else "second"] = {
+                    "same_tokens": tokens.tolist() == eager_tokens.tolist(),
+                    "varied": len(set(eager_tokens.tolist())) > 1,
+                    "logits_error": (logits - eager_logits).abs().max().item()}
         result["compiled_after_first_call"] = after_each_call[-1] != after_each_call[0]
-        result["counters"] = {k: v - before[k] for k, v in after_each_call[0].items()}
-        result["logs"] = logs.lines
-        logging.getLogger("vcompile").removeHandler(logs)
-        results[name] = result
+        results[name] = {**result, **seen}
     return {"models": results, "counters": counter_values()}
 
 

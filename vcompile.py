@@ -1703,6 +1703,7 @@ def load_aot_artifact(cache: CacheDir, model: torch.nn.Module, device: torch.dev
     counters.num_aot_artifacts_loaded += 1
     logger.info("Loaded the compiled model from %s", path)
     mark_loaded(cache)
+    aot_fn.disable_guard_check()  # guards were filtered out at compile time: skip checking the empty set per call
     return aot_fn, saved["vec_isa"], saved
 
 
@@ -1852,18 +1853,10 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
             blobs[digest], live[digest] = data, artifact
             digests.append(digest)
         pieces_state[name] = {**piece, "artifacts": digests}
-    state = {
-        "format": FORMAT_VERSION,
-        "entries": [(e.start, e.end) for e in entries],
-        "size_at": where_is_the_size(fakes),
-        "size_guards": guards,
-        "size_table": table,
-        "traced": traced,
-        "pieces": pieces_state,
-        "blobs": blobs,
-        "submod_names": compile_names,
-        "code": None, "consts": [], "split_graph": None,
-    }
+    state = {"format": FORMAT_VERSION, "entries": [(e.start, e.end) for e in entries],
+             "size_at": where_is_the_size(fakes), "size_guards": guards, "size_table": table, "traced": traced,
+             "pieces": pieces_state, "blobs": blobs, "submod_names": compile_names,
+             "code": None, "consts": [], "split_graph": None}
     if config.use_codegen:
         state["code"], state["consts"] = generate_execution_code(split_gm, compile_names)
     else:
@@ -1896,6 +1889,14 @@ def compile(model: torch.nn.Module, config: CompilationConfig, *,
             dynamic_arg_dims: dict[str, int] | None = None, is_encoder: bool = False) -> CompiledModel:
     """Returns a callable with the model's forward signature. Its first call
     loads from the cache or compiles everything; later calls only run."""
+    if "forward" in vars(model):
+        # What is compiled and saved is the class's forward, called with the
+        # model first (see traceable): one set on the instance, as
+        # accelerate's hooks set it, would be passed over in silence.
+        raise ValueError(f"vcompile: this {type(model).__name__} has a forward of its own, set on the "
+                         "instance (as accelerate's hooks set one); vcompile compiles the class's forward. "
+                         "Remove it (accelerate.hooks.remove_hook_from_module) or compile a module whose "
+                         "forward calls this model")
     return CompiledModel(model, config, dynamic_arg_dims, is_encoder)
 
 
@@ -1914,14 +1915,6 @@ class CompiledModel:
 
     def __init__(self, model: torch.nn.Module, config: CompilationConfig,
                  dynamic_arg_dims: dict[str, int] | None, is_encoder: bool):
-        if "forward" in vars(model):
-            # What is compiled and saved is the class's forward, called with
-            # the model first (see _torch_compile): one set on the instance,
-            # as accelerate's hooks set it, would be passed over in silence.
-            raise ValueError(f"vcompile: this {type(model).__name__} has a forward of its own, set on the "
-                             "instance (as accelerate's hooks set one); vcompile compiles the class's forward. "
-                             "Remove it (accelerate.hooks.remove_hook_from_module) or compile a module whose "
-                             "forward calls this model")
         self.model, self.config, self.is_encoder = model, config, is_encoder
         self.dynamic_arg_dims = dynamic_arg_dims
         self.__signature__ = inspect.signature(model.forward)
@@ -1945,7 +1938,7 @@ class CompiledModel:
                 out = self._first(args, kwargs)
                 if out is not _NOT_RUN:
                     return out
-            self._check_inputs(args, kwargs)
+            check_inputs(self, args, kwargs)
             return self.fn(*args, **kwargs)
 
     def prepare(self, *args, background: bool = False, **kwargs) -> None:
@@ -1987,7 +1980,7 @@ class CompiledModel:
                                        "without the cache, saving nothing", self.cache.hash_dir, describe(e))
                         return self._first_call(args, kwargs, run)
             if run and self.first_run_due:
-                self._check_inputs(args, kwargs)  # against what prepare() was given
+                check_inputs(self, args, kwargs)  # against what prepare() was given
                 with inductor_cache_dir(self.cache):
                     return self._first_run(args, kwargs)
         return _NOT_RUN
@@ -1998,7 +1991,7 @@ class CompiledModel:
             return self.fn(*args, **kwargs)  # kernels load into the cache folder
 
     def _first_call(self, args, kwargs, run: bool = True):
-        dims = self._bind_first_call(args, kwargs)
+        dims = bind_first_call(self, args, kwargs)
         cold = self.cache is not None and not os.path.isfile(self.cache.model_path) and not self.cache.has_pieces()
         if cold and self.cache.writable:
             # A cold start asks Inductor's vector-ISA probe here, in Inductor's
@@ -2027,31 +2020,9 @@ class CompiledModel:
         loaded = load_aot_artifact(self.cache, self.model, self.device, self.factors, trace) if self.cache else None
         if loaded is not None:
             aot_fn, isa, saved = loaded
-            return aot_trace(aot_fn, saved, loaded=True, isa=isa)
+            return one_trace(aot_fn, saved, loaded=True, isa=isa)
         aot_fn = self._compile_and_save(args, kwargs, dims, trace, at_size, serves)
-        return aot_trace(aot_fn, self.compiled_fn.state, loaded=False) if aot_fn is not None else None
-
-    def _bind_first_call(self, args, kwargs) -> dict[str, int]:
-        """Checks the first call's inputs, records what later calls must
-        match, and opens the cache folder for them. Returns the dynamic dims."""
-        arguments = self._bind(args, kwargs)
-        tensors = {n: v for n, v in arguments.items() if isinstance(v, torch.Tensor)}
-        dims = self.dynamic_arg_dims if self.dynamic_arg_dims is not None else {n: 0 for n in tensors}
-        for name, dim in dims.items():
-            if name not in tensors or not -tensors[name].dim() <= dim < tensors[name].dim():
-                raise ValueError(f"vcompile: dynamic_arg_dims names {name}:{dim}, which is not a "
-                                 f"dimension of a tensor argument of {type(self.model).__name__}.forward")
-        if not dims:
-            raise ValueError("vcompile: no tensor argument to make dynamic")
-        entries = compile_entries(self.config, self.is_encoder)
-        for name, dim in dims.items():  # before any compile work, not after it
-            find_entry(tensors[name].shape[dim], entries)
-        self.input_specs = {n: (v.dtype, v.dim(), v.device) for n, v in tensors.items()}
-        self.constants = {n: v for n, v in arguments.items() if type(v) in _CONSTANT_TYPES}
-        self.device = next(self.model.parameters(), next(iter(tensors.values()))).device
-        self.factors = cache_key_factors(self.model, self.config, self.is_encoder, dims, self.device)
-        self.cache = None if self.cache_failed else open_cache_dir(self.factors, self.config)
-        return dims
+        return one_trace(aot_fn, self.compiled_fn.state, loaded=False) if aot_fn is not None else None
 
     def _compile_and_save(self, args, kwargs, dims, trace: int = 0, at_size: int | None = None,
                           serves: list[bool] | None = None, pieces_dir: str | None = None):
@@ -2062,12 +2033,9 @@ class CompiledModel:
         module_globals = set(self.model.forward.__globals__)
 
         def aot_compile(unbacked: bool):
-            global _compile_started_at
-            compiled = self._torch_compile(pieces_dir=pieces_dir, serves=serves)
+            compiled, trace_args, trace_kwargs = traceable(self, args, kwargs, dims, unbacked, at_size, pieces_dir,
+                                                                 serves)
             self.compiled_fn = None  # set by the backend: then any failure is torch's, wrapping its result
-            trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config, unbacked,
-                                                    at_size)
-            _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here
             with _tracing_patches():
                 return compiled.aot_compile(((self.model, *trace_args), trace_kwargs))
 
@@ -2080,6 +2048,7 @@ class CompiledModel:
             mark_aot_unavailable(self.cache, self.model, None, describe(e))
             return None
         counters.num_aot_compiles += 1
+        aot_fn.disable_guard_check()  # as a loaded one
         if self.cache is None or not self.cache.writable or pieces_dir is not None:
             return aot_fn
         if trace == 0:
@@ -2100,10 +2069,7 @@ class CompiledModel:
         pieces_dir = self.cache.pieces_dir if self.cache is not None else None
 
         def trace_and_run(unbacked: bool):
-            global _compile_started_at
-            compiled = self._torch_compile(pieces_dir=pieces_dir)
-            trace_args, trace_kwargs = trace_inputs(self.__signature__, args, kwargs, dims, self.config, unbacked)
-            _compile_started_at = time.perf_counter()  # Dynamo's share is timed from here, after any AOT attempt
+            compiled, trace_args, trace_kwargs = traceable(self, args, kwargs, dims, unbacked, pieces_dir=pieces_dir)
             with _tracing_patches():
                 # Dynamo traces, the backend compiles or loads every piece, then
                 # the call runs: in JIT mode they cannot be separated.
@@ -2113,13 +2079,12 @@ class CompiledModel:
 
         compiled, out, rerun = unbacked_else_backed(self, trace_and_run)
         state = self.compiled_fn.state
-        first = {"fn": compiled, "table": state["size_table"], "guards": state["size_guards"],
-                 "traced": state["traced"], "loaded": False}
+        first = one_trace(compiled, state, loaded=False)
         # Later traces go through the AOT entry point, which traces without
         # running the model: a run at a made-up size would write a key/value
         # cache. Kept in memory; their pieces are saved and loaded as above.
-        later = later_traces(self, first, lambda trace, at, serves: self._jit_later_trace(
-            args, kwargs, dims, trace, at, serves, pieces_dir))
+        later = later_traces(self, first, lambda trace, at, serves: one_trace(self._compile_and_save(
+            args, kwargs, dims, trace, at, serves, pieces_dir), self.compiled_fn.state, loaded=False))
         self.fn = dispatch(self, [first, *later], dims)
         if self.cache is not None and self.cache.writable and not warm:
             record_trace(self.cache, traced=state["traced"], backed_because=state.get("backed_because"))
@@ -2127,69 +2092,100 @@ class CompiledModel:
             mark_loaded(self.cache)
         return self.fn(*args, **kwargs) if rerun else out
 
-    def _jit_later_trace(self, args, kwargs, dims, trace, at_size, serves, pieces_dir) -> dict:
-        aot_fn = self._compile_and_save(args, kwargs, dims, trace, at_size, serves, pieces_dir)
-        return aot_trace(aot_fn, self.compiled_fn.state, loaded=False)
 
-    def _torch_compile(self, pieces_dir: str | None, serves: list[bool] | None = None):
-        # The forward as a plain function, called with the model first, as a
-        # saved function is. Compiled as a bound method, a forward torch
-        # itself defines (nn.Sequential's) is wrapped by Dynamo in a closure
-        # that holds the model: the compiled function then took no model and
-        # failed at its first run, and saving it would pickle the weights.
-        # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
-        # default in torch 2.13, not in every earlier release.
-        with torch._dynamo.config.patch(enable_aot_compile=True):
-            return torch.compile(
-                type(self.model).forward, fullgraph=True, dynamic=False,
-                backend=functools.partial(self._backend, pieces_dir=pieces_dir, serves=serves),
-                # The graph is traced once and never re-checked: guards would only
-                # cost time per call, and a failed one would mean a recompile.
-                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
-    def _backend(self, gm, example_inputs, pieces_dir=None, serves=None):
-        writable = self.cache is not None and self.cache.writable
+
+def bind_first_call(compiled: CompiledModel, args, kwargs) -> dict[str, int]:
+    """Checks the first call's inputs, records what later calls must
+    match, and opens the cache folder for them. Returns the dynamic dims."""
+    arguments = bound_arguments(compiled.__signature__, args, kwargs)
+    tensors = {n: v for n, v in arguments.items() if isinstance(v, torch.Tensor)}
+    dims = compiled.dynamic_arg_dims if compiled.dynamic_arg_dims is not None else {n: 0 for n in tensors}
+    for name, dim in dims.items():
+        if name not in tensors or not -tensors[name].dim() <= dim < tensors[name].dim():
+            raise ValueError(f"vcompile: dynamic_arg_dims names {name}:{dim}, which is not a "
+                             f"dimension of a tensor argument of {type(compiled.model).__name__}.forward")
+    if not dims:
+        raise ValueError("vcompile: no tensor argument to make dynamic")
+    entries = compile_entries(compiled.config, compiled.is_encoder)
+    for name, dim in dims.items():  # before any compile work, not after it
+        find_entry(tensors[name].shape[dim], entries)
+    compiled.input_specs = {n: (v.dtype, v.dim(), v.device) for n, v in tensors.items()}
+    compiled.constants = {n: v for n, v in arguments.items() if type(v) in _CONSTANT_TYPES}
+    compiled.device = next(compiled.model.parameters(), next(iter(tensors.values()))).device
+    compiled.factors = cache_key_factors(compiled.model, compiled.config, compiled.is_encoder, dims, compiled.device)
+    compiled.cache = None if compiled.cache_failed else open_cache_dir(compiled.factors, compiled.config)
+    return dims
+
+
+def traceable(compiled: CompiledModel, args, kwargs, dims, unbacked: bool, at_size: int | None = None,
+              pieces_dir: str | None = None, serves: list[bool] | None = None):
+    """torch.compile's wrapper of the forward, and the inputs to trace it
+    with (section 14). Dynamo's share of the time counts from here."""
+    global _compile_started_at
+
+    def backend_of_this_trace(gm, example_inputs):
+        writable = compiled.cache is not None and compiled.cache.writable
         try:
-            self.compiled_fn = backend(gm, example_inputs, config=self.config, is_encoder=self.is_encoder,
-                                       pieces_dir=pieces_dir, shared_dir=self.cache.shared_dir if writable else None,
-                                       serves=serves)
+            compiled.compiled_fn = backend(gm, example_inputs, config=compiled.config, is_encoder=compiled.is_encoder,
+                                           pieces_dir=pieces_dir, serves=serves,
+                                           shared_dir=compiled.cache.shared_dir if writable else None)
         except Exception:
             if writable:  # Dynamo traced; compiling into the folder failed (see _first)
-                self.cache_failed = True  # a flag: the exception's traceback would keep the graph alive
+                compiled.cache_failed = True  # a flag: the exception's traceback would keep the graph alive
             raise
-        return self.compiled_fn
+        return compiled.compiled_fn
 
-    def _bind(self, args, kwargs) -> dict[str, Any]:
-        bound = self.__signature__.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return bound.arguments
-
-    def _check_inputs(self, args, kwargs) -> None:
-        # Dynamo's guards are dropped (the graph must never be traced again), so
-        # nothing else would notice a tensor the artifacts were not built for,
-        # or a flag such as use_cache that was traced into the graph as a constant.
-        arguments = self._bind(args, kwargs)
-        for name, (dtype, ndim, device) in self.input_specs.items():
-            value = arguments.get(name)
-            if not isinstance(value, torch.Tensor) or (value.dtype, value.dim(), value.device) != (dtype, ndim, device):
-                got = (f"a {value.dim()}-d {value.dtype} tensor on {value.device}"
-                       if isinstance(value, torch.Tensor) else type(value).__name__)
-                raise TypeError(f"vcompile: argument '{name}' was compiled for a {ndim}-d {dtype} "
-                                f"tensor on {device}; got {got}")
-        for name, traced in self.constants.items():
-            value = arguments.get(name)
-            if type(value) is not type(traced) or value != traced:
-                got = repr(value) if type(value) in _CONSTANT_TYPES else f"a {type(value).__name__}"
-                raise ValueError(f"vcompile: argument '{name}' was compiled as {traced!r}; got {got} "
-                                 "(non-tensor arguments are constants of the traced graph)")
+    # The forward as a plain function, called with the model first, as a
+    # saved function is. Compiled as a bound method, a forward torch
+    # itself defines (nn.Sequential's) is wrapped by Dynamo in a closure
+    # that holds the model: the compiled function then took no model and
+    # failed at its first run, and saving it would pickle the weights.
+    # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
+    # default in torch 2.13, not in every earlier release.
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        wrapper = torch.compile(
+            type(compiled.model).forward, fullgraph=True, dynamic=False, backend=backend_of_this_trace,
+            # The graph is traced once and never re-checked: guards would only
+            # cost time per call, and a failed one would mean a recompile.
+            options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+    trace_args, trace_kwargs = trace_inputs(compiled.__signature__, args, kwargs, dims, compiled.config, unbacked,
+                                            at_size)
+    _compile_started_at = time.perf_counter()
+    return wrapper, trace_args, trace_kwargs
 
 
-def aot_trace(aot_fn, saved: dict, loaded: bool, isa: dict | None = None) -> dict:
-    """One trace of the model: its AOT function, and the size table, guards
-    and kind of trace that it was saved with (None: saved before vcompile
-    made later traces; it runs the sizes it ran then)."""
-    aot_fn.disable_guard_check()  # guards were filtered out at compile time: skip checking the empty set per call
-    return {"fn": aot_fn, "isa": isa, "table": saved.get("size_table"), "guards": saved.get("size_guards"),
+def check_inputs(compiled: CompiledModel, args, kwargs) -> None:
+    # Dynamo's guards are dropped (the graph must never be traced again), so
+    # nothing else would notice a tensor the artifacts were not built for,
+    # or a flag such as use_cache that was traced into the graph as a constant.
+    arguments = bound_arguments(compiled.__signature__, args, kwargs)
+    for name, (dtype, ndim, device) in compiled.input_specs.items():
+        value = arguments.get(name)
+        if not isinstance(value, torch.Tensor) or (value.dtype, value.dim(), value.device) != (dtype, ndim, device):
+            got = (f"a {value.dim()}-d {value.dtype} tensor on {value.device}"
+                   if isinstance(value, torch.Tensor) else type(value).__name__)
+            raise TypeError(f"vcompile: argument '{name}' was compiled for a {ndim}-d {dtype} "
+                            f"tensor on {device}; got {got}")
+    for name, traced in compiled.constants.items():
+        value = arguments.get(name)
+        if type(value) is not type(traced) or value != traced:
+            got = repr(value) if type(value) in _CONSTANT_TYPES else f"a {type(value).__name__}"
+            raise ValueError(f"vcompile: argument '{name}' was compiled as {traced!r}; got {got} "
+                             "(non-tensor arguments are constants of the traced graph)")
+
+
+def bound_arguments(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def one_trace(fn: Callable, saved: dict, loaded: bool, isa: dict | None = None) -> dict:
+    """One trace of the model: its function (AOT, or JIT mode's first), and
+    the size table, guards and kind of trace it was saved with (None: saved
+    before vcompile made later traces; it runs the sizes it ran then)."""
+    return {"fn": fn, "isa": isa, "table": saved.get("size_table"), "guards": saved.get("size_guards"),
             "traced": saved.get("traced"), "loaded": loaded}
 
 
