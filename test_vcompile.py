@@ -39,7 +39,6 @@ import pytest
 import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.passes.split_module import split_module
 
 import bench
 import vcompile
@@ -1439,23 +1438,27 @@ def test_concrete_args_substitute_the_size_and_keep_the_storage_offset():
 
 
 def test_a_piece_that_returns_no_tensor_compiles_with_the_token_count_known():
-    # Size arithmetic (`u0 // 2`) and an unbacked trace's runtime asserts
-    # alone in a piece: its only input is the token count, and it returns no
-    # tensor. Inductor must be given the ShapeEnv that made u0; it used to
-    # find a fresh one.
+    # A piece whose only input is the token count and which returns no
+    # tensor (size arithmetic, or an unbacked trace's runtime asserts):
+    # Inductor must be given the ShapeEnv that made u0; it used to find a
+    # fresh one in the piece's outputs, and fail with `KeyError: u0`.
     artifacts = []
 
     def backend(gm, example_inputs):
-        split_gm = split_module(gm, None, lambda n: 0 if vcompile.computes_sizes_only(n) else 1,
-                                keep_original_order=True)
-        piece = split_gm.submod_0
-        assert [type(a) for a in vcompile.fake_args_from_graph(piece)] == [torch.SymInt]
-        artifacts.append(vcompile.CompilerManager().compile(piece, vcompile.fake_args_from_graph(piece), Range(1, 8)))
+        [size] = [a for a in vcompile.fake_args_from_graph(gm) if isinstance(a, torch.SymInt)]
+        graph = fx.Graph()
+        placeholder = graph.placeholder("size")
+        placeholder.meta["example_value"] = size
+        half = graph.call_function(operator.floordiv, (placeholder, 2))
+        half.meta["example_value"] = size // 2
+        graph.output((half,))
+        piece = fx.GraphModule(torch.nn.Module(), graph)
+        artifacts.append(vcompile.CompilerManager().compile(piece, [size], Range(1, 8)))
         return gm.forward
 
     x = torch.randn(5, 16)
     torch._dynamo.decorators.mark_unbacked(x, 0)
-    torch.compile(lambda x: x[: x.shape[0] // 2].sin(), backend=backend, fullgraph=True, dynamic=False)(x)
+    torch.compile(lambda x: x.sin(), backend=backend, fullgraph=True, dynamic=False)(x)
     out = artifacts[0](5)
     assert (out[0] if isinstance(out, (list, tuple)) else out) == 2  # a fresh artifact unwraps one value
 
@@ -2465,8 +2468,8 @@ def test_an_unbacked_trace_torch_cannot_compile_is_traced_backed_with_the_error_
         return backend(gm, example_inputs, **kwargs)
 
     monkeypatch.setattr(vcompile, "backend", fails_unbacked)
-    model, x = LastRow(), torch.randn(5, 16)
-    fn = vcompile.compile(model, CompilationConfig(splitting_ops=["vcompile_test::attn"], max_num_batched_tokens=64,
+    model, x = SymSize(), torch.randn(5, 8)
+    fn = vcompile.compile(model, CompilationConfig(splitting_ops=["aten::sigmoid"], max_num_batched_tokens=64,
                                                    cache_dir=str(tmp_path)))
     with counters.expect(num_unbacked_traces=0, num_backed_traces=1, num_aot_artifacts_saved=1):
         torch.testing.assert_close(fn(x), model(x))
@@ -2474,7 +2477,7 @@ def test_an_unbacked_trace_torch_cannot_compile_is_traced_backed_with_the_error_
     assert said == ("vcompile: the token count cannot be traced unbacked: torch failed on it (RuntimeError: "
                     "KeyError: u0); traced backed, every size runs")
     for size in range(1, 65):
-        x = torch.randn(size, 16)
+        x = torch.randn(size, 8)
         torch.testing.assert_close(fn(x), model(x))
     [row] = json.loads(cache_command(str(tmp_path), "--json").stdout)
     assert row["traced"] == "backed" and row["backed_because"] == "torch failed on it (RuntimeError: KeyError: u0)"
