@@ -810,7 +810,7 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
         if node in piece_of:
             first_node.setdefault(piece_of[node], node)
     compiled = sorted(set(first_node) - splitting_pieces)
-    for node, open_piece in reversed(sizes_only):  # a size's users stand where they go by then
+    for node, open_piece in reversed(sizes_only):  # backwards: users that are sizes too have moved already
         users = {user for user in node.users if user in piece_of}
         later = [p for p in compiled if p > open_piece]
         if users:
