@@ -1197,7 +1197,8 @@ class CompilerManager:
             counters.num_inductor_compiles += 1
             self.blobs[id(artifact)] = artifact_bytes(artifact)
             self._keep(key, artifact)
-            write_piece(piece_path(self.shared_dir, key), self.blobs[id(artifact)], logger.debug)  # for the others (section 8)
+            # For the other processes on this root (section 8).
+            write_piece(piece_path(self.shared_dir, key), self.blobs[id(artifact)], logger.debug)
         finally:
             if lock is not None:
                 os.close(lock)  # after the bytes are shared: a waiter finds them
