@@ -2035,7 +2035,7 @@ class CompiledModel:
 
         def aot_compile(unbacked: bool):
             compiled, trace_args, trace_kwargs = traceable(self, args, kwargs, dims, unbacked, at_size, pieces_dir,
-                                                                 serves)
+                                                           serves)
             self.compiled_fn = None  # set by the backend: then any failure is torch's, wrapping its result
             with _tracing_patches():
                 return compiled.aot_compile(((self.model, *trace_args), trace_kwargs))
@@ -2084,16 +2084,17 @@ class CompiledModel:
         # Later traces go through the AOT entry point, which traces without
         # running the model: a run at a made-up size would write a key/value
         # cache. Kept in memory; their pieces are saved and loaded as above.
-        later = later_traces(self, first, lambda trace, at, serves: one_trace(self._compile_and_save(
-            args, kwargs, dims, trace, at, serves, pieces_dir), self.compiled_fn.state, loaded=False))
+        def later_trace(trace: int, at: int, serves: list[bool]) -> dict:
+            aot_fn = self._compile_and_save(args, kwargs, dims, trace, at, serves, pieces_dir)
+            return one_trace(aot_fn, self.compiled_fn.state, loaded=False)  # the state this trace's backend set
+
+        later = later_traces(self, first, later_trace)
         self.fn = dispatch(self, [first, *later], dims)
         if self.cache is not None and self.cache.writable and not warm:
             record_trace(self.cache, traced=state["traced"], backed_because=state.get("backed_because"))
         if warm:
             mark_loaded(self.cache)
         return self.fn(*args, **kwargs) if rerun else out
-
-
 
 
 def bind_first_call(compiled: CompiledModel, args, kwargs) -> dict[str, int]:
