@@ -343,31 +343,18 @@ class CacheDir:
     rank_dir: str
     writable: bool  # False: load what is there, write nothing, leave Inductor at its default
 
-    @property
-    def inductor_dir(self) -> str:
-        return os.path.join(self.hash_dir, "inductor_cache")
-
-    @property
-    def model_path(self) -> str:
-        return os.path.join(self.rank_dir, "model")
+    def __post_init__(self):
+        self.inductor_dir = os.path.join(self.hash_dir, "inductor_cache")
+        self.shared_dir = os.path.join(self.hash_dir, "shared_pieces")
+        self.model_path = os.path.join(self.rank_dir, "model")
+        self.pieces_dir = os.path.join(self.rank_dir, "pieces")
+        self.unavailable_path = os.path.join(self.rank_dir, "model.unavailable")  # why AOT cannot load back
 
     def trace_path(self, trace: int) -> str:  # the first trace's is model_path (section 15)
         return self.model_path if trace == 0 else f"{self.model_path}.trace{trace}"
 
-    @property
-    def pieces_dir(self) -> str:
-        return os.path.join(self.rank_dir, "pieces")
-
-    @property
-    def shared_dir(self) -> str:
-        return os.path.join(self.hash_dir, "shared_pieces")
-
     def has_pieces(self) -> bool:
         return os.path.isdir(self.pieces_dir) and bool(os.listdir(self.pieces_dir))
-
-    @property
-    def unavailable_path(self) -> str:  # why this model's AOT artifact cannot be saved to load back
-        return os.path.join(self.rank_dir, "model.unavailable")
 
 
 _reported_roots: set[str] = set()  # roots (and paths) already named in a log line: once per process
@@ -488,11 +475,9 @@ def record_cold_start(cache: CacheDir, factors: dict) -> None:
     factors for the next miss and for `python -m vcompile cache`."""
     try:
         explain_miss(cache, factors)
-        if cache.writable:
-            write_atomically(os.path.join(cache.hash_dir, FACTORS_FILE),
-                             json.dumps({**factors, "vcompile_version": __version__}, indent=1, default=str).encode())
     except Exception as e:  # an explanation must never stop the model
-        logger.debug("vcompile: cannot explain or record this cache miss: %s", describe(e))
+        logger.debug("vcompile: cannot explain this cache miss: %s", describe(e))
+    record_factors(cache, fresh=True, **factors, vcompile_version=__version__)
 
 
 def recorded_factors(cache: CacheDir) -> dict:
@@ -503,20 +488,19 @@ def recorded_factors(cache: CacheDir) -> dict:
         return {}
 
 
-def record_trace(cache: CacheDir, **fields) -> None:
-    """After a cold start's trace, for the listing: how it was traced
-    ("unbacked" or "backed", and why not unbacked), and, with several
-    traces, the sizes each runs. None is not recorded."""
-    recorded = recorded_factors(cache)
-    if not recorded:
-        logger.debug("vcompile: no factors file in %s to record how it was traced", cache.hash_dir)
+def record_factors(cache: CacheDir, fresh: bool = False, **fields) -> None:
+    """Adds to the factors file (fresh: replaces it): the factors at a cold
+    start; after its trace, how it was traced ("unbacked" or "backed", and
+    why not unbacked) and, with several traces, the sizes each runs. None is
+    not recorded."""
+    if not cache.writable:
         return
     try:
-        write_atomically(os.path.join(cache.hash_dir, FACTORS_FILE),
-                         json.dumps({**recorded, **{k: v for k, v in fields.items() if v is not None}},
-                                    indent=1).encode())
+        kept = {} if fresh else recorded_factors(cache)
+        write_atomically(os.path.join(cache.hash_dir, FACTORS_FILE), json.dumps(
+            {**kept, **{k: v for k, v in fields.items() if v is not None}}, indent=1, default=str).encode())
     except Exception as e:  # as above
-        logger.debug("vcompile: cannot record how %s was traced: %s", cache.hash_dir, describe(e))
+        logger.debug("vcompile: cannot record %s in %s: %s", ", ".join(fields), cache.hash_dir, describe(e))
 
 
 def mark_loaded(cache: CacheDir) -> None:
@@ -532,14 +516,11 @@ def mark_loaded(cache: CacheDir) -> None:
 
 @contextlib.contextmanager
 def inductor_cache_dir(cache: CacheDir | None):
-    """Send Inductor's and Triton's files into the hash folder, then restore.
-
-    vLLM sets TORCHINDUCTOR_CACHE_DIR for the rest of the process; a library
-    should not, so this wraps the compile, the load and the first run (where
-    kernels are loaded). `temporary_cache_dir` also clears Inductor's
-    in-process lookups on entry and exit, so files another root produced
-    earlier in this process are not reused by path.
-    """
+    """Inductor's and Triton's files in the hash folder, for the compile, the
+    load and the first run (where kernels load); vLLM sets it for the rest of
+    the process, which a library should not. `temporary_cache_dir` clears
+    Inductor's in-process lookups on entry and exit, so files of another root
+    are not reused by path."""
     if cache is None:
         yield
         return
@@ -576,15 +557,11 @@ _views: dict[str, str] = {}  # read-only Inductor folder -> its writable view, o
 
 
 def writable_view(folder: str) -> str | None:
-    """A folder in the temp directory that mirrors a read-only Inductor
-    folder: the same tree of folders, each file a symlink to the read-only
-    one. Inductor looks kernels up by path and, even when it finds every one,
-    creates lock files beside them (and would write a kernel it must rebuild);
-    pointed at the read-only folder it fails to, and left at its default
-    folder it rebuilds every kernel with g++, slower than a cold compile. The
-    view costs one symlink per file (a few hundred for a small model, a few
-    milliseconds), once per process; it is removed when the process exits.
-    """
+    """A temp folder that mirrors a read-only Inductor folder, each file a
+    symlink. Inductor creates lock files beside the kernels it finds, so it
+    fails on the read-only folder, and left at its default folder it rebuilds
+    every kernel with g++, slower than a cold compile. A few milliseconds
+    once per process (a symlink per file); removed when the process exits."""
     if folder in _views:
         return _views[folder]
     try:
@@ -605,15 +582,11 @@ def writable_view(folder: str) -> str | None:
 
 
 def command_line_safe(path: str) -> str | None:
-    """A path to the same folder that survives an unquoted command line.
-
-    Inductor's CPU builder writes the source and output paths of g++ into one
-    command string unquoted and shlex-splits it (torch 2.11 to 2.15), so a
-    cache root such as macOS's "Application Support" reaches g++ as two
-    arguments and the compile dies. Such a folder is reached through a symlink
-    in the temp folder instead; the files stay in the hash folder. None (after
-    one warning) when no such link can be made.
-    """
+    """A path to the same folder that survives an unquoted command line:
+    Inductor's CPU builder joins g++'s paths into one string unquoted and
+    shlex-splits it (torch 2.11 to 2.15), so a root such as "Application
+    Support" reached g++ as two arguments. Such a folder is reached through a
+    symlink in the temp folder; None (after one warning) if none can be made."""
     if shlex.quote(path) == path:
         return path
     link = os.path.join(tempfile.gettempdir(), "vcompile-" + hashlib.sha256(path.encode()).hexdigest()[:16])
@@ -676,10 +649,9 @@ def read_artifact(path: str) -> bytes:
 
 def lock_file(path: str, wait_s: float) -> int | None:
     """An exclusive flock on path, as an open descriptor (os.close releases
-    it), or None if another process still holds it after wait_s (0: do not
-    wait). The kernel drops a flock when its process dies, however it dies,
-    so a process killed mid-compile never blocks the others; a lock file
-    that names a pid would need someone to decide that the pid is dead."""
+    it), or None if another process still holds it after wait_s. The kernel
+    drops a flock when its process dies, however it dies: a process killed
+    mid-compile never blocks the others, as a pid in a lock file would."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_s
     while True:
@@ -693,16 +665,12 @@ def lock_file(path: str, wait_s: float) -> int | None:
             time.sleep(0.05)
 
 
-# Trust. Unpickling an artifact runs Python, and the kernels in
-# inductor_cache are shared libraries that get loaded: whoever can write a
-# cache folder runs code in every process that starts warm from it. A
-# checksum does not help, the writer writes it too. So, as ssh refuses a key
-# file others can write and pip a cache folder it does not own, a start reads
-# a hash folder only if every folder and file from <root>/torch_aot_compile
-# down to its rank folder, and under inductor_cache and shared_pieces, is
-# owned by this user or root and writable by neither group nor others.
-# Folders above the root's torch_aot_compile (a sticky /tmp) are not the
-# cache's to judge.
+# Trust. An artifact is unpickled and its kernels are loaded as shared
+# libraries: whoever can write a cache folder runs code in every process that
+# starts warm from it, checksum or not. So, as ssh refuses a key file others
+# can write, a start reads a hash folder only if every folder and file from
+# <root>/torch_aot_compile down is owned by this user or root and writable by
+# neither group nor others. Folders above it (a sticky /tmp) are not judged.
 
 
 def untrusted(cache: CacheDir) -> str | None:
@@ -726,10 +694,9 @@ def untrusted(cache: CacheDir) -> str | None:
 
 @contextlib.contextmanager
 def private_files():
-    """What this process creates meanwhile carries no group or other write
-    bit, whatever the umask: under umask 000 the folders vcompile and
-    Inductor create would be world-writable, and the next start would have
-    to refuse them. The umask is the process's; the first call holds its lock."""
+    """What this process creates meanwhile is writable by its owner alone:
+    under umask 000 the next start would refuse the folders vcompile and
+    Inductor create. The umask is the process's; the first call holds its lock."""
     umask = os.umask(0o022)
     os.umask(umask | 0o022)
     try:
@@ -841,19 +808,17 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 # fresh ShapeEnv (empty_strided, storage offset kept), so Inductor
 # specializes to that size.
 #
-# Size guards. vLLM drops every Dynamo guard, so a graph traced once runs at
-# every size, and vcompile does the same. A model whose code branches on the
-# token count (`if x.size(0) >= 4:`, traced at 4) would then run the traced
-# branch at every size: silently wrong at 1 to 3. Dynamo wrote down which
-# sizes the graph holds for, as guards on the size symbols. vcompile keeps
-# exactly those (every other guard stays dropped) as a table from each size up
-# to max_num_batched_tokens to the entry that runs it, saved with the
-# artifact: one list index per call. The sizes where a guard fails get traces
-# of their own (section 15); a size no trace runs is refused.
-# A trace with the token count unbacked (section 14) records no guard, only
-# runtime asserts (`torch._check(x.shape[0] <= 42)` becomes `u0 <= 42`),
-# which the compiled code would raise from inside a kernel: the table keeps
-# those too, and refuses 43 with the check named before anything runs.
+# Size guards. vLLM drops every Dynamo guard, and so does vcompile, so a
+# model that branches on the token count (`if x.size(0) >= 4:`, traced at 4)
+# would run the traced branch at every size: silently wrong at 1 to 3. Of
+# Dynamo's guards vcompile keeps those on the size symbols alone, as a table
+# from each size up to max_num_batched_tokens to the entry that runs it,
+# saved with the artifact: one list index per call. Sizes where a guard fails
+# get traces of their own (section 15); a size no trace runs is refused. An
+# unbacked trace (section 14) records runtime asserts instead
+# (`torch._check(x.shape[0] <= 42)` becomes `u0 <= 42`), which the compiled
+# code would raise inside a kernel: the table keeps those too, and 43 is
+# refused with the check named before anything runs.
 # =============================================================================
 
 
@@ -1075,25 +1040,21 @@ def inductor_compile(graph: fx.GraphModule, example_inputs: list, entry: Range) 
 def artifact_bytes(artifact: AOTCompiledArtifact) -> bytes:
     with torch._functorch.config.patch(bundled_autograd_cache=True):
         data = artifact.serialize()
-    # Equal artifacts can serialize to different bytes: pickle writes a string
-    # once per object, and a graph Inductor has just compiled holds equal
-    # strings as separate objects where one read back from Inductor's cache
-    # shares them. A piece's later ranges come back from that cache, so a cold
-    # save stored (and every warm start loaded) the piece once per range.
-    # Pickled again from its own unpickling, an artifact's bytes depend only on
-    # what it holds; the round trip costs about a millisecond per artifact.
+    # Equal artifacts serialized to different bytes (pickle writes a string
+    # once per object; a fresh compile holds equal strings as separate objects
+    # where one read back from Inductor's cache shares them), so a cold save
+    # stored a piece once per range. Pickled from its own unpickling, an
+    # artifact's bytes depend only on what it holds; about 1 ms per artifact.
     return pickle.dumps(pickle.loads(data))
 
 
 def load_artifact(data: bytes) -> AOTCompiledArtifact:
     counters.num_compiled_artifacts_loaded += 1
-    # On CPU, Inductor readies a precompiled C++ header (150 MB, kept in a
-    # global folder under /tmp, most of a minute of gcc on 2 cores when it is
-    # missing) before it even looks for a kernel's .so. A load finds every .so
-    # in the hash folder and builds nothing, so give it an empty header: a
-    # wiped /tmp costs nothing and nothing is written outside the folder. A
-    # kernel that must be rebuilt after all still builds, just without the
-    # speed-up. (The .so's key does not depend on the header's path.)
+    # On CPU, Inductor readies a precompiled C++ header (150 MB under /tmp,
+    # most of a minute of gcc on 2 cores) before it looks for a kernel's .so.
+    # A load finds every .so in the hash folder, so it gets an empty header: a
+    # kernel that must be rebuilt still builds, without the speed-up (the
+    # .so's key does not depend on the header's path).
     with patch.object(torch._inductor.codecache, "_precompile_header", lambda *args, **kwargs: os.devnull):
         return AOTCompiledArtifact.deserialize(data)
 
@@ -1267,36 +1228,31 @@ def write_piece(path: str | None, data: bytes, log: Callable) -> bool:
 # 8. Compiling once per machine
 #
 # Tensor-parallel ranks trace identical graphs, and replicas of one model
-# start together on one node: each used to compile every piece, on the same
-# cores (8 ranks x 32 compile workers, pytorch issue 190941), and vLLM's
-# ranks miss each other's cache (vLLM issue 53958). Here
-# the processes on one cache root split the work by the AOT key: the first
-# to want a key holds its flock in <hash>/shared_pieces while it compiles,
-# then leaves the artifact's bytes there. Another process that wants the key
-# meanwhile puts that piece off and compiles one nobody holds; when nothing
-# else is left it waits, then loads the bytes: no Inductor work, the very
-# artifact the first one built. The lock is per AOT key, not per (entry,
-# key): a piece's ranges share one key (the later ones hit Inductor's cache),
-# and two processes compiling them at once would both lower the graph.
+# start together on one node: each compiled every piece, on the same cores
+# (8 ranks x 32 compile workers, pytorch issue 190941), and vLLM's ranks miss
+# each other's cache (vLLM issue 53958). Here the processes on one cache root
+# split the work by AOT key: the first to want a key holds its flock in
+# <hash>/shared_pieces while it compiles, then leaves the artifact's bytes
+# there. Another that wants the key meanwhile puts that piece off, compiles
+# one nobody holds, and when nothing else is left waits, then loads the
+# bytes: the very artifact the first one built. The lock is per AOT key, not
+# per (entry, key): a piece's ranges share one key (the later ones hit
+# Inductor's cache), and two processes compiling them at once would both
+# lower the graph.
 #
-# The same bytes matter beyond the time saved. Two processes that compiled a
-# key at once each wrote Inductor's cache entry for it, and a later range
-# read back whichever came last: the same code, but the entry carries its
-# writer's compile time and debugging text, so the bytes differed and one
-# rank stored 8 artifacts where the other stored 6 for the same graphs.
-#
-# A lone start reads no bytes an earlier start left here: files older than
-# this process, unless it found their key held, are compiled as before (an
-# Inductor cache hit), so a start alone counts and does what it always did.
+# The same bytes matter beyond the time saved: two processes that compiled a
+# key at once each wrote Inductor's cache entry for it, which carries its
+# writer's compile time and debugging text, and one rank stored 8 artifacts
+# where the other stored 6 for the same graphs. A lone start takes no bytes
+# older than itself (unless it found their key held): it compiles them as
+# before, an Inductor cache hit, and counts what it always counted.
 #
 # At most one process per core compiles at once: a compile_all first takes
-# one of `slots` flocks in shared_pieces, and a process that finds them all
-# held only takes what is already there, then waits for a slot. Each
-# process that compiles even one piece pays Inductor's first-compile set-up
-# (its pattern matchers, about a second of CPU), and four processes on two
-# cores paid it four times, on the cores the compiles needed. A slot comes
-# free when its holder has compiled or taken everything it needs, so the
-# waiter then mostly takes.
+# one of `slots` flocks in shared_pieces; a process that finds them all held
+# only takes what is already there, then waits for a slot. Each process that
+# compiles even one piece pays Inductor's first-compile set-up (its pattern
+# matchers, about a second of CPU): four processes on two cores paid it four
+# times, on the cores the compiles needed.
 # =============================================================================
 
 
@@ -1306,9 +1262,8 @@ class PutOff(BaseException):
 
 def _process_started_at() -> float:
     """When this process was started (Linux), else when vcompile was
-    imported. Processes started together are forked within milliseconds, but
-    one may take seconds longer to import torch, by which time another may
-    have shared a piece: measured from the import, it would not take it."""
+    imported. Processes started together may import torch seconds apart, by
+    which time another may have shared a piece that one should take."""
     with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
@@ -1559,8 +1514,7 @@ _STATE_FIELDS = ("format", "entries", "size_at", "size_guards", "size_table", "p
 
 class VcompileFunction(SerializableCallable):
     def __init__(self, state: dict, call: Callable):
-        self.state = state
-        self.call = call
+        self.state, self.call = state, call
 
     def __call__(self, *args):
         return self.call(*args)
@@ -1710,20 +1664,14 @@ def load_aot_artifact(cache: CacheDir, model: torch.nn.Module, device: torch.dev
 
 @contextlib.contextmanager
 def known_vec_isa(device: torch.device, saved_isa: dict | None):
-    """Skips Inductor's CPU vector-ISA probe when loading on the processor
-    that compiled the artifact.
-
-    Inductor picks the ISA its kernels are built for by compiling and loading
-    a test program per candidate and per extension (AVX-512 BF16, VNNI, AMX),
-    in every process that loads a CPU kernel: g++ and a Python subprocess each,
-    0.3-0.8 s on torch 2.13, 5-7 s on 2.11. A warm load builds nothing, and the
-    cache key names the processor, so the cold compile already proved which
-    flags build and load here: each check answers from those flags instead of
-    running. (config.cpp.vec_isa_ok is not enough: the extension checks of
-    torch 2.11 to 2.15 run whatever it says.) The CPU's own feature flags still
-    decide which ISAs are candidates, so a machine that lacks what the cold one
-    had picks a smaller ISA and Inductor builds its kernels for it.
-    """
+    """Skips Inductor's CPU vector-ISA probe: g++ and a Python subprocess per
+    candidate ISA and extension (AVX-512 BF16, VNNI, AMX), in every process
+    that loads a CPU kernel, 0.3-0.8 s on torch 2.13, 5-7 s on 2.11. The
+    cache key names the processor, so the cold compile proved which flags
+    build and load here: each check answers from them. (config.cpp.vec_isa_ok
+    is not enough: torch 2.11 to 2.15 run the extension checks anyway.) The
+    CPU's feature flags still pick the candidates: a machine that lacks what
+    the cold one had picks a smaller ISA and Inductor builds for it."""
     if device.type != "cpu" or saved_isa is None:
         yield
         return
@@ -1750,14 +1698,11 @@ def picked_vec_isa(device: torch.device) -> dict | None:
 
 
 def shared_vec_isa(cache: CacheDir, device: torch.device, wait_s: float) -> None:
-    """picked_vec_isa for a cold start on a writable root, asked once for the
-    processes that start on it together: the first holds a lock while it
-    probes and leaves its answer in shared_pieces; the others wait for it and
-    answer their own checks from it, as a warm load does. The probe runs a
-    Python subprocess per candidate and extension, about a second of CPU per
-    process on torch 2.13: four cold starts on two cores paid it four times.
-    As for the pieces, an answer older than this process is not taken: a
-    start alone probes as it always did."""
+    """picked_vec_isa for the cold starts on one writable root, probed once:
+    the first holds a lock while it probes (a second of CPU on torch 2.13,
+    paid four times by four cold starts on two cores) and leaves its answer
+    in shared_pieces for the others. As for the pieces (section 8), an
+    answer older than this process is not taken."""
     if device.type != "cpu":
         return
     path = os.path.join(cache.shared_dir, "vec_isa")
@@ -1807,10 +1752,6 @@ def check_sources_unchanged(hashes: dict[str, str]) -> None:
 # =============================================================================
 
 
-class ServesNoSize(Exception):
-    """A later trace whose guards hold at none of the sizes it was traced for."""
-
-
 def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConfig,
             is_encoder: bool = False, pieces_dir: str | None = None,
             shared_dir: str | None = None, serves: list[bool] | None = None) -> VcompileFunction:
@@ -1832,7 +1773,7 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
     if serves is not None:  # a later trace compiles only the entries that run its sizes
         used = sorted({index for index in table if index >= 0})
         if not used:
-            raise ServesNoSize(f"its guards ({' and '.join(t for t, _ in guards)}) hold at none of those sizes")
+            raise ValueError(f"its guards ({' and '.join(t for t, _ in guards)}) hold at none of those sizes")
         entries = [entries[index] for index in used]
         table = [used.index(index) if index >= 0 else index for index in table]
         counters.num_extra_traces += 1
@@ -1972,11 +1913,9 @@ class CompiledModel:
                     except Exception as e:
                         if not self.cache_failed:
                             raise
-                        # A full disk or a quota: Inductor writes its files
-                        # into the cache folder, and no cache problem may stop
-                        # the model. Once more without the folder (Inductor in
-                        # its own, nothing saved); a compile that fails on its
-                        # own fails again.
+                        # A full disk or a quota, and no cache problem may stop
+                        # the model: once more without the folder, saving
+                        # nothing; a compile that fails on its own fails again.
                         logger.warning("vcompile: compiling into the cache folder %s failed (%s); compiling again "
                                        "without the cache, saving nothing", self.cache.hash_dir, describe(e))
                         return self._first_call(args, kwargs, run)
@@ -1995,13 +1934,10 @@ class CompiledModel:
         dims = bind_first_call(self, args, kwargs)
         cold = self.cache is not None and not os.path.isfile(self.cache.model_path) and not self.cache.has_pieces()
         if cold and self.cache.writable:
-            # A cold start asks Inductor's vector-ISA probe here, in Inductor's
-            # own folder, before it writes into the cache folder. The probe
-            # writes test programs; one that failed partway (a full disk) left
-            # its choice half made on torch 2.13: kernels generated for 256-bit
-            # vectors and built with AVX-512 flags, wrong outputs, then a
-            # corrupted heap, which the retry in _first cannot undo. Its
-            # answers are kept for the process, so the compile asks nothing.
+            # The vector-ISA probe, before anything is written into the cache
+            # folder: a probe that failed there partway (a full disk) left its
+            # choice half made on torch 2.13 (kernels for 256-bit vectors built
+            # with AVX-512 flags: wrong outputs, then a corrupted heap).
             shared_vec_isa(self.cache, self.device, self.config.compile_wait_s)
         with inductor_cache_dir(self.cache):
             if not self.config.use_aot or aot_unavailable(self.cache) is not None:
@@ -2053,7 +1989,7 @@ class CompiledModel:
         if self.cache is None or not self.cache.writable or pieces_dir is not None:
             return aot_fn
         if trace == 0:
-            record_trace(self.cache, traced=self.compiled_fn.state["traced"],
+            record_factors(self.cache, traced=self.compiled_fn.state["traced"],
                          backed_because=self.compiled_fn.state.get("backed_because"))
         installed = installed_globals(aot_fn, module_globals)
         saved = save_aot_artifact(self.cache, aot_fn, self.model, installed, self.device, self.compiled_fn.state,
@@ -2066,7 +2002,6 @@ class CompiledModel:
         warm = self.cache is not None and self.cache.has_pieces()
         if not self.config.use_aot and self.cache is not None and not warm:
             record_cold_start(self.cache, self.factors)
-
         pieces_dir = self.cache.pieces_dir if self.cache is not None else None
 
         def trace_and_run(unbacked: bool):
@@ -2091,7 +2026,7 @@ class CompiledModel:
         later = later_traces(self, first, later_trace)
         self.fn = dispatch(self, [first, *later], dims)
         if self.cache is not None and self.cache.writable and not warm:
-            record_trace(self.cache, traced=state["traced"], backed_because=state.get("backed_because"))
+            record_factors(self.cache, traced=state["traced"], backed_because=state.get("backed_because"))
         if warm:
             mark_loaded(self.cache)
         return self.fn(*args, **kwargs) if rerun else out
@@ -2139,12 +2074,10 @@ def traceable(compiled: CompiledModel, args, kwargs, dims, unbacked: bool, at_si
         return compiled.compiled_fn
 
     # The forward as a plain function, called with the model first, as a
-    # saved function is. Compiled as a bound method, a forward torch
-    # itself defines (nn.Sequential's) is wrapped by Dynamo in a closure
-    # that holds the model: the compiled function then took no model and
-    # failed at its first run, and saving it would pickle the weights.
-    # enable_aot_compile gives the returned wrapper its .aot_compile(); on by
-    # default in torch 2.13, not in every earlier release.
+    # saved function is: as a bound method, a forward torch defines
+    # (nn.Sequential's) is wrapped by Dynamo in a closure that holds the
+    # model, which then failed at its first run. enable_aot_compile gives
+    # the wrapper its .aot_compile(); on by default from torch 2.13.
     with torch._dynamo.config.patch(enable_aot_compile=True):
         wrapper = torch.compile(
             type(compiled.model).forward, fullgraph=True, dynamic=False, backend=backend_of_this_trace,
@@ -2207,19 +2140,15 @@ def one_trace(fn: Callable, saved: dict, loaded: bool, isa: dict | None = None) 
 # Hugging Face's mask helpers); it is traced backed, as before, its guards
 # kept as the size table of section 6, and one INFO line says where and
 # which sizes they exclude. So is a model whose unbacked trace fails for any
-# other reason before the backend returns, with the error in that line.
+# other reason (torch's support for unbacked sizes is young), with the error.
 # =============================================================================
 
 
 def unbacked_else_backed(compiled: CompiledModel, trace: Callable[[bool], Any]):
     """trace(unbacked=True), or, where that fails before the backend has
     returned, trace(unbacked=False), saying why and what it costs. The
-    usual why: the model decides something on the token count. Any other
-    failure is retried too (torch's support for unbacked sizes is newer
-    than the backed trace every model ran with before 0.3.0); the model's
-    own error fails the backed trace as well, and that is what is raised.
-    A failure after the backend returned is not retried: in JIT mode the
-    model has already run."""
+    model's own error fails the backed trace too, and that is raised. After
+    the backend returned nothing is retried: in JIT mode the model has run."""
     compiled.compiled_fn = None
     try:
         return trace(True)
@@ -2241,30 +2170,25 @@ def unbacked_else_backed(compiled: CompiledModel, trace: Callable[[bool], Any]):
 def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int],
                  config: CompilationConfig, unbacked: bool, at_size: int | None = None) -> tuple[tuple, dict]:
     """The inputs Dynamo traces: the first call's, each token dim marked
-    unbacked, or for a backed trace marked dynamic.
+    unbacked, or for a backed trace dynamic. Marks are attributes of a
+    tensor object, so each trace marks new ones: a backed retry that found
+    the unbacked marks on the caller's tensors would trace unbacked again.
+    One shape_id makes every token dim one symbol; two would leave
+    `Eq(u1, u0)` for nothing to decide.
 
-    Marks are attributes of a tensor object, so each trace marks new objects
-    (detached views of the caller's): a backed retry that found the unbacked
-    marks still on the caller's tensors would trace unbacked again. Every dim
-    in dynamic_arg_dims is the token count: one shape_id makes them one
-    symbol, where two would leave `Eq(u1, u0)` for nothing to decide.
-
-    vLLM traces a dummy batch of max_num_batched_tokens, never a caller's.
-    vcompile traces the first call's inputs, and at one token a backed trace
-    takes stride decisions that hold only there: a transpose of a size-1
-    dim is contiguous, so `.contiguous()` and `reshape` become views. With
-    every guard dropped a Hugging Face Llama then gave NaN at 8 tokens; with
-    the size guards kept it would refuse every size but 1. So a backed trace
-    of a one-token call runs at two tokens, its tensors repeated along the
-    token dim. An unbacked trace decides nothing at the size it sees.
-
-    A later trace (section 15) is traced at `at_size`: the first call's
-    tensors repeated along the token dim and cut to that size.
+    vLLM traces a dummy batch of max_num_batched_tokens; vcompile traces the
+    first call's inputs, and at one token a backed trace takes stride
+    decisions that hold only there (a transpose of a size-1 dim is
+    contiguous, so `.contiguous()` and `reshape` become views): a Hugging
+    Face Llama gave NaN at 8 tokens. So a backed trace of a one-token call
+    runs at two tokens, and a later trace (section 15) at `at_size`: the
+    call's tensors repeated along the token dim and cut to that size.
     """
     # Each input stays where the call put it: the code Dynamo writes for a
     # forward taking (*args, **kwargs), as Hugging Face's wrappers do, reads
     # them from there, and a keyword traced as a position fails at the next call.
-    repeat = at_size is None and not unbacked and traced_at_two(signature, args, kwargs, dims, config)
+    if at_size is None and not unbacked and traced_at_two(signature, args, kwargs, dims, config):
+        at_size = 2
     args, kwargs, names = list(args), dict(kwargs), list(signature.parameters)
     for name, dim in dims.items():
         position = names.index(name)
@@ -2273,8 +2197,6 @@ def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int
         if at_size is not None:
             times = -(-at_size // value.shape[dim])
             value = value.repeat(*[times if d == dim else 1 for d in range(value.dim())]).narrow(dim, 0, at_size).clone()
-        elif repeat:
-            value = value.repeat(*[2 if d == dim else 1 for d in range(value.dim())])
         else:
             value = value.detach()
         if position < len(args):
@@ -2310,13 +2232,11 @@ def data_dependent_decision(e: Exception) -> str | None:
     return decided + (f" at `{where[1].strip()}`" if where else "")
 
 
-@contextlib.contextmanager
 def _tracing_patches():
     # backed_size_oblivious: Dynamo would otherwise specialize a token
     # dimension of size 0 or 1 to that size, and take size 1 for special
     # wherever it decides a broadcast or a stride.
-    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        yield
+    return torch.fx.experimental._config.patch(backed_size_oblivious=True)
 
 
 # =============================================================================
@@ -2324,15 +2244,12 @@ def _tracing_patches():
 #
 # Stock torch.compile traces again when a guard fails, in the middle of
 # serving; vLLM drops the guard and runs the wrong branch. vcompile traces
-# them up front, in the first call: each run of excluded sizes, in turn,
-# traced backed at a size inside it, compiled for the entries that hold its
-# sizes only, its own guards saying which sizes it runs. Every trace's
-# function is saved in the hash folder (model, model.trace1, ...) with its
-# table; later calls go from the size to the trace with one list index, the
-# model with one trace runs as before. A run whose trace fails as eager
-# fails (torch._check) stays refused, and the cold start records it so that
-# a warm start does not trace it again. JIT mode makes its later traces at
-# every start, as it makes its first.
+# each run of excluded sizes up front, in the first call, backed at a size
+# inside it, compiled for the entries that hold its sizes only. Every trace
+# is saved (model, model.trace1, ...) with its table; a call goes from its
+# size to its trace with one list index. A run whose trace fails as eager
+# fails (torch._check) stays refused, recorded so that a warm start does not
+# trace it again. JIT mode makes its later traces at every start.
 # =============================================================================
 
 
@@ -2393,7 +2310,7 @@ def later_traces(compiled: CompiledModel, first: dict,
     compiled.compiled_fn = compiled_fn  # the first trace's, as with one trace
     made = (traces or given_up) and not (first["loaded"] and all(t["loaded"] for t in traces))
     if made and compiled.cache is not None and compiled.cache.writable:
-        record_trace(compiled.cache, untraceable=sorted(given_up), trace_sizes=[
+        record_factors(compiled.cache, untraceable=sorted(given_up), trace_sizes=[
             sizes_in_words([size for size, index in enumerate(t["table"]) if index >= 0]) for t in [first, *traces]])
     return traces
 
@@ -2454,10 +2371,9 @@ def start_up(compiled: CompiledModel, args: tuple, kwargs: dict, background: boo
             compiled._first(args, kwargs, run=False)
         return
     # Torch versions differ here. Without a GPU, fake tensors install a
-    # no-op CUDA device guard when they are first used; on torch 2.11, when
-    # a thread other than the caller's did that first, the caller's next
-    # trace crashes the process (a segfault). Installed here, on the
-    # caller's thread, as the caller's own first trace would, it does not.
+    # no-op CUDA device guard when first used; on torch 2.11, when a thread
+    # other than the caller's did that first, the caller's next trace
+    # segfaulted. Installed here, on the caller's thread, it does not.
     if not torch.cuda.is_available() and hasattr(torch._C, "_ensureCUDADeviceGuardSet"):
         torch._C._ensureCUDADeviceGuardSet()
 
@@ -2505,15 +2421,9 @@ def load_aot_function(saved: dict, model: torch.nn.Module, f_globals: dict[str, 
 
 
 def external_refs(model: torch.nn.Module) -> dict[str, Any]:
-    """What the saved function may hold that pickle cannot restore by name,
-    under keys that another process computes the same way from its own model.
-
-    A decorated forward (functools.wraps, as Hugging Face wraps its models')
-    is a wrapper whose closure holds the original function. Pickle stores a
-    function by its qualified name, finds the wrapper under that name, and
-    refuses ("it's not the same object as ...LlamaModel.forward"). Modules are
-    not pickled either: they hold the weights, which stay live.
-    """
+    """What the saved function may hold that pickle cannot restore by name
+    (the functions a decorated forward wraps, above; the modules, which hold
+    the weights), under keys another process computes from its own model."""
     refs: dict[str, Any] = {f"module:{name}": m for name, m in model.named_modules()}
     seen: set[int] = set()
     todo = [("forward", getattr(model.forward, "__func__", model.forward))]
@@ -2532,10 +2442,8 @@ def external_refs(model: torch.nn.Module) -> dict[str, Any]:
 
 def check_loadable(saved: dict, model: torch.nn.Module, installed: dict[str, Any]) -> None:
     """Runs torch's loader on what is about to be saved, with the globals a
-    fresh process will have: a model whose artifact cannot load back is
-    found out now, not by compiling from scratch at every start. The
-    compiled pieces are left out (each unique artifact is Inductor's own
-    format, and its file is checked by sha256 at load)."""
+    fresh process will have, the compiled pieces left out (Inductor's own
+    format): a model whose artifact cannot load back is found out now."""
     fresh_globals = {k: v for k, v in model.forward.__globals__.items() if k not in installed}
     without_pieces = classmethod(lambda cls, data: cls({}, None))
     with patch.object(VcompileFunction, "deserialize_compile_artifacts", without_pieces):
@@ -2543,11 +2451,10 @@ def check_loadable(saved: dict, model: torch.nn.Module, installed: dict[str, Any
 
 
 def mark_aot_unavailable(cache: CacheDir | None, model: torch.nn.Module, aot_fn, reason: str) -> None:
-    """The AOT artifact cannot be saved so that it loads back, and nothing
-    will change that before the next start: left alone, every start would
-    compile from scratch and fail to save again. Mark the folder instead;
-    this start and the later ones run the JIT way (use_aot=False), whose
-    per-piece artifacts load with no Inductor compile after the first."""
+    """The AOT artifact cannot be saved so that it loads back: left alone,
+    every start would compile from scratch and fail to save again. The
+    folder is marked, and the starts run the JIT way (use_aot=False), whose
+    pieces load with no Inductor compile after the first."""
     if cache is None or not cache.writable:
         logger.warning("vcompile: the compiled model cannot be saved to load back: %s", reason)
         return
@@ -2603,12 +2510,11 @@ def aot_unavailable(cache: CacheDir | None) -> str | None:
 #   python -m vcompile cache ROOT --prune [--older-than DAYS] [--max-size SIZE] [--dry-run]
 #
 # A cache nobody can see into gets deleted whole the first time something
-# looks wrong, and every warm start with it. Each folder's factors file says
-# which model, torch and device it is for; its last_loaded file says when a
-# start last used it. And a cache only grows: every torch upgrade, config
-# change or model edit leaves a hash folder behind. Pruning removes whole
-# folders, least recently loaded first, each renamed away before it is
-# deleted, so a start that opens one at that moment finds all of it or none.
+# looks wrong, and every warm start with it; and it only grows: every torch
+# upgrade, config change or model edit leaves a hash folder behind. Each
+# folder's factors file says what it is for, its last_loaded file when a
+# start last used it. Pruning removes whole folders, least recently loaded
+# first, each renamed away first: a start finds all of one or none.
 # =============================================================================
 
 
