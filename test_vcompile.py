@@ -828,7 +828,7 @@ def test_processes_compiling_into_one_root_at_once_all_succeed(device, cold_cach
     for result in together:
         assert_counters(result, num_aot_compiles=1, num_aot_artifacts_saved=1, num_backend_compilations=9)
         assert_matches_eager(result, device)
-    # Each (piece, entry) compiled by one of them, the others took it (section 8).
+    # Each (piece, entry) compiled by one of them, the others took it (section 9).
     assert sum(r["counters"]["num_inductor_compiles"] for r in together) == 9
     assert sum(r["counters"]["num_artifacts_from_other_processes"] for r in together) == 3 * 9
     # No more of them compiled than there are cores (compile slots): the rest only took.
@@ -849,7 +849,7 @@ def test_two_ranks_share_a_hash_folder_and_each_starts_warm(device, cold_cache, 
                                                             store=store)) for rank in (0, 1)]))
     assert sorted(d for d in os.listdir(copy) if d.startswith("rank_")) == ["rank_0_0", "rank_1_0"]
     assert all(os.path.isfile(os.path.join(copy, d, "model")) for d in ("rank_0_0", "rank_1_0"))
-    # Two processes started together compile between them what one compiles alone (section 8).
+    # Two processes started together compile between them what one compiles alone (section 9).
     assert sum(cold["counters"]["num_inductor_compiles"] for cold in rounds[0]) == 9
     for cold, warm in zip(*rounds):
         assert cold["hash_dir"] == warm["hash_dir"] == copy  # one folder, one inductor_cache for both ranks
@@ -1568,7 +1568,221 @@ def test_the_size_table_keeps_only_guards_on_the_token_count(caplog):
 
 
 # =============================================================================
-# 7. Compiler manager and the in-memory cache (vLLM PR 41023)
+# 7. Graph passes (vLLM's post-grad pass manager, PRs 10273 and 24252)
+# =============================================================================
+
+
+class Trig(torch.nn.Module):
+    """Three layers of linear, sin, attention: a pass that turns sin into
+    cos shows in the outputs where it ran, and layers 2 and 3 are isomorphic."""
+
+    def __init__(self, hidden: int = 16, fn=torch.sin):
+        super().__init__()
+        self.lins = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(3))
+        self.fn = fn
+
+    def forward(self, x):
+        for lin in self.lins:
+            x = torch.ops.vcompile_bench.attention(self.fn(lin(x)), x, x, 2)
+        return x
+
+
+PASSES_MODULE = """
+import torch
+
+
+class SinToCos:
+    calls = 0
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def __call__(self, graph):
+        SinToCos.calls += 1
+        for node in graph.nodes:
+            if node.target is torch.ops.aten.sin.default:
+                node.target = torch.ops.aten.cos.default
+
+    def applies_to(self, entry):
+        return entry.end <= self.limit
+
+
+class Count:
+    calls = 0
+
+    def __call__(self, graph):
+        Count.calls += 1  # {edit}
+"""
+PASS_CONFIG = dict(compile_ranges_endpoints=[8, 16], max_num_batched_tokens=32, compile_sizes=[4])
+
+
+def child_passes(root: str, module_dir: str, device: str, order: str = "sc", limit: int = 16) -> dict:
+    """Trig compiled with SinToCos(limit) and Count in `order`; every size's
+    distance from eager with cos where the pass applies (sizes up to limit)."""
+    sys.path.insert(0, module_dir)
+    import graph_passes
+
+    torch.manual_seed(0)
+    model, with_cos = Trig().to(device), Trig(fn=torch.cos).to(device)
+    with_cos.load_state_dict(model.state_dict())
+    made = {"s": graph_passes.SinToCos(limit), "c": graph_passes.Count()}
+    cfg = CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=root, passes=[made[p] for p in order],
+                            **PASS_CONFIG)
+    with recorded() as first:
+        fn = vcompile.compile(model, cfg)
+        fn(torch.randn(9, 16, device=device))
+    errors = {}
+    with torch.no_grad():
+        for size in range(1, 33):
+            x = torch.randn(size, 16, device=device)
+            errors[size] = (fn(x) - (with_cos if size <= limit else model)(x)).abs().max().item()
+    return {"errors": errors, "calls": [graph_passes.SinToCos.calls, graph_passes.Count.calls], **first}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_passes_run_where_they_apply_and_are_in_every_key(device, tmp_path, capsys):
+    def module(name: str, edit: str) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "graph_passes.py").write_text(PASSES_MODULE.format(edit=edit))
+        return str(folder)
+
+    root, source = tmp_path / "cache", module("src", "first")
+    cold = run_child("child_passes", root=str(root), module_dir=source, device=device)
+    warm = run_child("child_passes", root=str(root), module_dir=source, device=device)
+    for result in (cold, warm):
+        assert_matches_eager(result, device)  # cos up to 16 tokens, sin beyond
+    assert cold["calls"][0] > 0 and cold["calls"][1] > 0
+    # Layers 2 and 3 are one compile per entry with the passes on, as without.
+    assert_counters(cold, num_aot_compiles=1, num_inmemory_cache_hits=4)
+    assert_counters(warm, **WARM)
+    assert warm["calls"] == [0, 0]  # a warm start runs no pass: what it loads was compiled with them
+
+    changed = {"edited": dict(module_dir=module("edited", "second")), "reordered": dict(order="cs"),
+               "applied elsewhere": dict(limit=8)}
+    roots = {name: tmp_path / f"cache {name}" for name in changed}
+    for name in changed:
+        shutil.copytree(root, roots[name])
+    results = run_children([("child_passes", dict(root=str(roots[name]), device=device,
+                                                  **{"module_dir": source, **kwargs}))
+                            for name, kwargs in changed.items()])
+    misses = {}
+    for name, result in zip(changed, results):
+        assert_matches_eager(result, device)
+        assert_counters(result, num_aot_compiles=1, num_aot_artifacts_loaded=0)
+        misses[name] = next(line.split("differs in: ")[1] for line in result["logs"] if "differs in: " in line)
+    assert re.fullmatch(r"passes: Count on every entry \w+ -> Count on every entry \w+", misses["edited"])
+    assert re.fullmatch(r"passes: SinToCos on \[4, 4\], \[1, 8\], \[9, 16\] \w+ -> Count on every entry \w+, "
+                        r"Count on every entry \w+ -> SinToCos on \[4, 4\], \[1, 8\], \[9, 16\] \w+",
+                        misses["reordered"])
+    assert re.fullmatch(r"passes: SinToCos on \[4, 4\], \[1, 8\], \[9, 16\] (\w+) -> "
+                        r"SinToCos on \[4, 4\], \[1, 8\] \1", misses["applied elsewhere"])
+    vcompile.main(["cache", str(roots["reordered"])])
+    listing = capsys.readouterr().out
+    assert listing.count("graph passes: SinToCos on [4, 4], [1, 8], [9, 16]; Count on every entry") == 1
+    assert listing.count("graph passes: Count on every entry; SinToCos on [4, 4], [1, 8], [9, 16]") == 1
+
+
+class Raises:
+    calls = 0
+
+    def __call__(self, graph):
+        Raises.calls += 1
+        raise KeyError("no such node")
+
+
+@pytest.mark.core
+def test_a_pass_that_raises_is_named_and_nothing_is_saved(tmp_path):
+    torch.manual_seed(0)
+    cfg = CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=str(tmp_path), passes=[Raises()],
+                            **PASS_CONFIG)
+    fn = vcompile.compile(Trig(), cfg)
+    with counters.expect(num_aot_artifacts_saved=0, num_compiled_artifacts_saved=0, num_aot_compiles=0):
+        with pytest.raises(vcompile.PassError, match=re.escape(
+                "vcompile: graph pass Raises failed on submod_0 compiled for [4, 4]: KeyError: 'no such node'")):
+            fn(torch.randn(9, 16))
+    # Once: neither a backed trace nor a compile without the cache folder is tried after it.
+    assert Raises.calls == 1
+    assert not [path for path in tmp_path.rglob("model*")]
+
+
+def test_a_pass_without_readable_source_is_refused_at_the_config():
+    for unreadable in (print, functools.partial(print, end="")):
+        with pytest.raises(ValueError, match="cannot be read .* give it a uuid"):
+            CompilationConfig(passes=[unreadable])
+    with pytest.raises(TypeError, match="is not callable"):
+        CompilationConfig(passes=["fuse"])
+    named = functools.partial(print)
+    named.uuid = lambda: "print-1"
+    assert vcompile.pass_uuid(CompilationConfig(passes=[named]).passes[0]) == "print-1"
+
+
+_fused_silu_calls = [0]
+
+
+@torch.library.custom_op("vcompile_test::fused_silu", mutates_args=())
+def _fused_silu(x: torch.Tensor) -> torch.Tensor:
+    _fused_silu_calls[0] += 1
+    return torch.nn.functional.silu(x)
+
+
+@_fused_silu.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class SiluByHand(torch.nn.Module):
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.lins = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(3))
+
+    def forward(self, x):
+        for lin in self.lins:
+            h = lin(x)
+            x = torch.ops.vcompile_bench.attention(h * torch.sigmoid(h), x, x, 2)
+        return x
+
+
+def silu_by_hand(x):
+    return x * torch.sigmoid(x)
+
+
+def fused_silu(x):
+    return torch.ops.vcompile_test.fused_silu(x)
+
+
+class FuseSilu:
+    """Two ops become one, as vLLM's fusion passes put a fused kernel in
+    place of a pattern: Inductor's pattern matcher, found in the post-grad graph."""
+
+    def __init__(self):
+        from torch._inductor.pattern_matcher import PatternMatcherPass, fwd_only, register_replacement
+
+        self.patterns, self.matched = PatternMatcherPass(), 0
+        register_replacement(silu_by_hand, fused_silu, [torch.empty(8, 16)], fwd_only, self.patterns)
+
+    def __call__(self, graph):
+        self.matched += self.patterns.apply(graph)
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_pattern_matcher_pass_puts_one_op_in_place_of_two(device, tmp_path):
+    torch.manual_seed(0)
+    model, fuse = SiluByHand().to(device), FuseSilu()
+    cfg = CompilationConfig(splitting_ops=bench.SPLITTING_OPS, cache_dir=str(tmp_path), passes=[fuse], **PASS_CONFIG)
+    fn = vcompile.compile(model, cfg)
+    with torch.no_grad():
+        for size in (9, 1, 4, 16, 17, 32):
+            x = torch.randn(size, 16, device=device)
+            _fused_silu_calls[0] = 0
+            torch.testing.assert_close(fn(x), model(x), atol=TOL[device], rtol=TOL[device])
+            assert _fused_silu_calls[0] == 3, size  # the compiled code calls the fused op, once per layer
+    assert fuse.matched >= 3
+
+
+# =============================================================================
+# 8. Compiler manager and the in-memory cache (vLLM PR 41023)
 # =============================================================================
 
 
@@ -1681,7 +1895,7 @@ def test_pieces_that_differ_in_an_op_shape_or_dtype_do_not_share(device):
 
 
 # =============================================================================
-# 8. Compiling once per machine
+# 9. Compiling once per machine
 # =============================================================================
 
 
@@ -1864,7 +2078,7 @@ def test_tensor_parallel_ranks_compile_each_piece_once_between_them(device, tmp_
 
 
 # =============================================================================
-# 9. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
+# 10. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
 # =============================================================================
 
 
@@ -1925,7 +2139,7 @@ def test_first_call_of_size_one_does_not_specialize(device):
 
 
 # =============================================================================
-# 10. Codegen with inlined submodules (vLLM PR 40151)
+# 11. Codegen with inlined submodules (vLLM PR 40151)
 # =============================================================================
 
 
@@ -2059,7 +2273,7 @@ def test_constants_in_the_attention_piece_survive_a_warm_load(device, cold_cache
 
 
 # =============================================================================
-# 11. Serializable compiled function: save and load (vLLM PR 40151)
+# 12. Serializable compiled function: save and load (vLLM PR 40151)
 # =============================================================================
 
 
@@ -2172,7 +2386,7 @@ def test_an_edited_model_source_recompiles_with_a_warning(device, cold_cache, tm
 
 
 # =============================================================================
-# 12. The backend
+# 13. The backend
 # =============================================================================
 
 
@@ -2223,7 +2437,7 @@ def test_the_backend_compiles_every_piece_and_returns_a_saveable_function(device
 
 
 # =============================================================================
-# 13. The first call: load, or compile and save, or trace (JIT)
+# 14. The first call: load, or compile and save, or trace (JIT)
 # =============================================================================
 
 
@@ -2401,7 +2615,7 @@ def test_a_cold_start_on_a_full_disk_runs_the_model(device, tmp_path):
 
 
 # =============================================================================
-# 14. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
+# 15. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
 # =============================================================================
 
 
@@ -2501,7 +2715,7 @@ def test_the_models_own_error_is_raised_as_eager_raises_it(caplog):
 
 
 # =============================================================================
-# 15. Sizes the first trace excludes: later traces
+# 16. Sizes the first trace excludes: later traces
 # =============================================================================
 
 
@@ -2607,7 +2821,7 @@ def test_a_model_past_max_traces_is_refused_at_the_sizes_left_with_the_bound_nam
 
 
 # =============================================================================
-# 16. Compiling at start-up (prepare)
+# 17. Compiling at start-up (prepare)
 # =============================================================================
 
 
@@ -2688,7 +2902,7 @@ def test_prepare_twice_or_beside_a_first_call_compiles_once():
 
 
 # =============================================================================
-# 17. What a save cannot carry: models people bring
+# 18. What a save cannot carry: models people bring
 # =============================================================================
 
 
@@ -2988,7 +3202,7 @@ def test_hugging_face_decoders_compile_and_start_warm(device, tmp_path):
 
 
 # =============================================================================
-# 18. The cache from the command line: list, remove, prune
+# 19. The cache from the command line: list, remove, prune
 # =============================================================================
 
 
@@ -3209,7 +3423,7 @@ def test_generating_with_a_key_value_cache_matches_eager_cold_and_warm(device, t
     names = ["decoder", "llama"]
     cold = run_child("child_generate", root=str(tmp_path), device=device, names=names)
     warm = run_child("child_generate", root=str(tmp_path), device=device, names=names)
-    # torch 2.11 runs the Hugging Face model the JIT way (section 17), tracing it a second time.
+    # torch 2.11 runs the Hugging Face model the JIT way (section 18), tracing it a second time.
     aot, hf_traces = len(names) - (0 if AOT_WRAPS_HF else 1), 1 if AOT_WRAPS_HF else 2
     assert_counters(cold, num_aot_compiles=aot, num_aot_artifacts_saved=aot, num_aot_artifacts_loaded=0,
                     num_unbacked_traces=len(names) - 1, num_backed_traces=hf_traces)

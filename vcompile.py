@@ -16,18 +16,19 @@ The sections follow the data, top to bottom:
    4. files on disk: atomic writes, checksums, read-only views, trust
    5. graph splitting
    6. compile entries, size guards and concrete arguments   vLLM PR 35472
-   7. compiler manager, in-memory cache        vLLM PR 41023
-   8. compiling once per machine
-   9. piecewise interpreter, range dispatch    vLLM PR 35472
-  10. codegen with inlined submodules          vLLM PR 40151
-  11. serializable compiled function: save and load   vLLM PR 40151
-  12. the backend
-  13. the first call: load, or compile and save, or trace (JIT)
-  14. how the token count is traced: unbacked, and the backed fallback   vLLM PR 44256
-  15. sizes the first trace excludes: later traces
-  16. compiling at start-up (prepare)
-  17. what a save cannot carry: models people bring
-  18. the cache from the command line: list, remove, prune
+   7. graph passes: vLLM's post-grad pass manager   vLLM PRs 10273, 24252
+   8. compiler manager, in-memory cache        vLLM PR 41023
+   9. compiling once per machine
+  10. piecewise interpreter, range dispatch    vLLM PR 35472
+  11. codegen with inlined submodules          vLLM PR 40151
+  12. serializable compiled function: save and load   vLLM PR 40151
+  13. the backend
+  14. the first call: load, or compile and save, or trace (JIT)
+  15. how the token count is traced: unbacked, and the backed fallback   vLLM PR 44256
+  16. sizes the first trace excludes: later traces
+  17. compiling at start-up (prepare)
+  18. what a save cannot carry: models people bring
+  19. the cache from the command line: list, remove, prune
 
 Usage:
     fn = vcompile.compile(model, vcompile.CompilationConfig(splitting_ops=["my::attention"]))
@@ -76,6 +77,7 @@ import torch._functorch._aot_autograd.autograd_cache as aot_autograd_cache
 import torch._inductor.codecache
 import torch.fx as fx
 from torch._dynamo.aot_compile import SerializableCallable
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from torch._inductor.standalone_compile import AOTCompiledArtifact
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -143,13 +145,17 @@ class CompilationConfig:
     # VCOMPILE_TRUST_CACHE=1. For a cache a team shares on purpose.
     trust_cache: bool = False
     # How long a process waits for another one compiling the same piece into
-    # the same cache root (section 8) before it compiles the piece itself.
+    # the same cache root (section 9) before it compiles the piece itself.
     compile_wait_s: float = 300.0
     # How many traces a model that branches on the token count may get, the
-    # first included (section 15): each costs a trace and its compiles.
+    # first included (section 16): each costs a trace and its compiles.
     max_traces: int = 4
     use_aot: bool = True
     use_codegen: bool = True
+    # Graph passes (section 7): each pass_(graph: torch.fx.Graph) -> None edits
+    # a piece's post-grad graph in place; optional applies_to(Range) -> bool
+    # and uuid() -> str.
+    passes: list = dataclasses.field(default_factory=list)
     # Written by monitor_torch_compile alone. Before PR 40641 the backend also
     # added to these and encoder time was counted twice.
     compilation_time: float = 0.0
@@ -170,6 +176,10 @@ class CompilationConfig:
             bad = [v for v in getattr(self, name) if not _is_int(v) or v < 1]
             if bad:
                 raise ValueError(f"vcompile: {name} must hold positive ints, got {bad}")
+        for graph_pass in self.passes:
+            if not callable(graph_pass):
+                raise TypeError(f"vcompile: graph pass {graph_pass!r} is not callable")
+            pass_uuid(graph_pass)  # a pass whose source cannot be read fails here, not at the first call
 
     def compile_ranges(self) -> list[Range]:
         """The ranges every piece is compiled for, with symbolic shapes.
@@ -199,9 +209,9 @@ class CompilationCounter:
     num_compiled_artifacts_saved: int = 0  # unique piece artifacts written to disk
     num_compiled_artifacts_loaded: int = 0  # unique piece artifacts read from disk
     num_aot_compiles: int = 0
-    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 14)
+    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 15)
     num_backed_traces: int = 0  # graphs traced backed, their guards on the token count kept (section 6)
-    num_extra_traces: int = 0  # traces of sizes the first trace's guards exclude (section 15), of the above
+    num_extra_traces: int = 0  # traces of sizes the first trace's guards exclude (section 16), of the above
     num_aot_artifacts_saved: int = 0
     num_aot_artifacts_loaded: int = 0
     num_fx_graph_deserializations: int = 0  # only the use_codegen=False baseline has any
@@ -229,6 +239,14 @@ counters = CompilationCounter()
 def describe(e: Exception) -> str:
     """An exception as one log line: its type and its message's first line."""
     return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+
+
+def cause_of(e: BaseException | None, kind: type) -> BaseException | None:
+    """e, or the first exception of that kind among what caused it: torch
+    wraps what a backend or a pass raises, once or twice."""
+    while e is not None and not isinstance(e, kind):
+        e = e.__cause__ or e.__context__
+    return e
 
 # =============================================================================
 # 2. Monitor (vLLM PR 40641)
@@ -270,8 +288,8 @@ def monitor_torch_compile(config: CompilationConfig, is_encoder: bool = False):
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model     the AOT artifact
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model.py  its execution code, to read
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/pieces/   JIT mode's per-piece artifacts
-#   <root>/torch_aot_compile/<hash>/shared_pieces/          what one process compiles for all (section 8),
-#                                                           and the vector ISA it probed (section 11)
+#   <root>/torch_aot_compile/<hash>/shared_pieces/          what one process compiles for all (section 9),
+#                                                           and the vector ISA it probed (section 12)
 #
 # A cache is built once and then shipped: baked into a container image,
 # mounted read-only, copied to many nodes. A root that holds this model's
@@ -313,6 +331,7 @@ def cache_key_factors(model: torch.nn.Module, config: CompilationConfig, is_enco
         "compile_entries": [str(e) for e in compile_entries(config, is_encoder)],
         "dynamic_arg_dims": sorted(dynamic_arg_dims.items()),
         "use_codegen": config.use_codegen,  # the saved function differs; use_aot does not
+        "passes": pass_identities(config.passes, compile_entries(config, is_encoder)),
     }
 
 
@@ -350,7 +369,7 @@ class CacheDir:
         self.pieces_dir = os.path.join(self.rank_dir, "pieces")
         self.unavailable_path = os.path.join(self.rank_dir, "model.unavailable")  # why AOT cannot load back
 
-    def trace_path(self, trace: int) -> str:  # the first trace's is model_path (section 15)
+    def trace_path(self, trace: int) -> str:  # the first trace's is model_path (section 16)
         return self.model_path if trace == 0 else f"{self.model_path}.trace{trace}"
 
     def has_pieces(self) -> bool:
@@ -408,7 +427,7 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
 FACTORS_FILE = "cache_key_factors.json"
 # Kept in that file beside the factors, not hashed: the vcompile that wrote
 # the folder (FORMAT_VERSION says when a file cannot be read) and how the
-# token count was traced (section 14).
+# token count was traced (section 15).
 NOT_FACTORS = ("vcompile_version", "traced")
 LAST_LOADED_FILE = "last_loaded"  # its mtime: when a start last loaded from this folder
 
@@ -465,6 +484,9 @@ def factor_differences(old: dict, new: dict) -> list[str]:
             out.append(f"{key}: " + ", ".join(parts) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""))
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):  # e.g. torch: version, commit, CUDA
             out.append(f"{key}: " + ", ".join(f"{short(x)} -> {short(y)}" for x, y in zip(a, b) if x != y))
+        elif key == "passes" and isinstance(a, list) and isinstance(b, list):  # one added or removed: name it
+            out.append(f"{key}: " + ", ".join([f"without {short(x)}" for x in a if x not in b] +
+                                              [f"with {short(y)}" for y in b if y not in a]))
         else:
             out.append(f"{key}: {short(a)} -> {short(b)}")
     return out
@@ -814,8 +836,8 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 # Dynamo's guards vcompile keeps those on the size symbols alone, as a table
 # from each size up to max_num_batched_tokens to the entry that runs it,
 # saved with the artifact: one list index per call. Sizes where a guard fails
-# get traces of their own (section 15); a size no trace runs is refused. An
-# unbacked trace (section 14) records runtime asserts instead
+# get traces of their own (section 16); a size no trace runs is refused. An
+# unbacked trace (section 15) records runtime asserts instead
 # (`torch._check(x.shape[0] <= 42)` becomes `u0 <= 42`), which the compiled
 # code would raise inside a kernel: the table keeps those too, and 43 is
 # refused with the check named before anything runs.
@@ -897,7 +919,7 @@ def size_table(entries: list[Range], guards: list[tuple[str, str]], top: int,
     or OUTSIDE_EVERY_ENTRY, or GUARD_FAILS. Built once per compile (8193
     sizes by default, a few milliseconds); a warning names each entry it
     leaves no size to, since that entry's artifacts can never run. A later
-    trace (section 15) `serves` only the sizes earlier traces refuse: the
+    trace (section 16) `serves` only the sizes earlier traces refuse: the
     others are GUARD_FAILS in its table, and its unused entries are dropped."""
     holds = guards_hold(guards)
     table = [entry_of(size, entries, holds) if serves is None or serves[size] else GUARD_FAILS
@@ -992,7 +1014,106 @@ def concrete_args(gm: fx.GraphModule, size: int) -> list:
 
 
 # =============================================================================
-# 7. Compiler manager and the in-memory cache (vLLM PR 41023)
+# 7. Graph passes (vLLM's post-grad pass manager, PRs 10273 and 24252)
+#
+# vLLM makes a compiled model faster than Inductor alone with passes of its
+# own (RMSNorm + quant, SiLU-and-mul + quant, all-reduce + RMSNorm fusions,
+# no-op elimination). They run where Inductor lets a user in, its
+# post_grad_custom_post_pass: on each piece's post-grad graph (functional
+# ATen, after AOTAutograd and Inductor's own passes), at every compile of
+# the piece. One pass manager per compile runs, in order, the passes that
+# apply to the entry it compiles (PR 24252: a fusion may pay off at some
+# token counts only).
+#
+# Identity (PR 10273): code compiled with one set of passes must never be
+# loaded by a start with another. The manager's uuid(), the applicable
+# passes' uuids in order, is in Inductor's key and AOTAutograd's, and so in
+# the in-memory key of isomorphic pieces (section 8): identical layers still
+# compile once. Each pass's uuid and the entries it applies to are in the
+# hash folder's factors, so a start with a pass edited, added, removed,
+# reordered or applied elsewhere compiles afresh and its miss names the
+# pass. A pass without uuid() gets a hash of its qualified name and source,
+# computed once per pass object: vLLM hashed its passes' sources at every
+# compile of every piece and range (111 ms, PR 37600). A pass whose work
+# depends on anything else (its attributes, code it calls) gives a uuid().
+# A warm start runs no pass: what it loads was compiled with them.
+# =============================================================================
+
+
+class PassError(RuntimeError):
+    """A graph pass raised: neither a backed trace nor a compile without the
+    cache folder would cure it, so it is raised as it is."""
+
+
+_pass_uuids: dict[int, tuple[Callable, str]] = {}  # id -> (the pass, kept so that its id stays its own; uuid)
+
+
+def pass_name(graph_pass: Callable) -> str:
+    owner = graph_pass if inspect.isroutine(graph_pass) else type(graph_pass)
+    return getattr(owner, "__qualname__", repr(owner))
+
+
+def pass_uuid(graph_pass: Callable) -> str:
+    if id(graph_pass) not in _pass_uuids:
+        if hasattr(graph_pass, "uuid"):
+            digest = str(graph_pass.uuid())
+        else:
+            owner = graph_pass if inspect.isroutine(graph_pass) else type(graph_pass)
+            try:
+                if isinstance(graph_pass, functools.partial):  # its source is functools', not what it does
+                    raise TypeError("a functools.partial")
+                source = inspect.getsource(owner)
+            except (OSError, TypeError) as e:
+                raise ValueError(f"vcompile: the source of graph pass {pass_name(graph_pass)} cannot be read "
+                                 f"({e}) to tell its versions apart; give it a uuid() method") from e
+            digest = hashlib.sha256(f"{owner.__module__}.{owner.__qualname__}\n{source}".encode()).hexdigest()[:16]
+        _pass_uuids[id(graph_pass)] = (graph_pass, digest)
+    return _pass_uuids[id(graph_pass)][1]
+
+
+def applies(graph_pass: Callable, entry: Range) -> bool:
+    return graph_pass.applies_to(entry) if hasattr(graph_pass, "applies_to") else True
+
+
+def pass_identities(passes: list[Callable], entries: list[Range]) -> list[str]:
+    """The factors' record of the passes: name, where it applies, uuid."""
+    out = []
+    for graph_pass in passes:
+        where = [str(entry) for entry in entries if applies(graph_pass, entry)]
+        where_text = "every entry" if len(where) == len(entries) else ", ".join(where) or "no entry"
+        out.append(f"{pass_name(graph_pass)} on {where_text} {pass_uuid(graph_pass)}")
+    return out
+
+
+class PassManager(CustomGraphPass):
+    """Inductor's post_grad_custom_post_pass for one compile of one piece."""
+
+    def __init__(self, passes: list[Callable], piece: str, entry: Range):
+        self.passes, self.piece, self.entry = passes, piece, entry
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for graph_pass in self.passes:
+            try:
+                graph_pass(graph)
+            except Exception as e:
+                raise PassError(f"vcompile: graph pass {pass_name(graph_pass)} failed on {self.piece} compiled for "
+                                f"{self.entry}: {describe(e)}") from e
+
+    def uuid(self) -> str:
+        return " ".join(pass_uuid(graph_pass) for graph_pass in self.passes)
+
+
+def pass_manager(passes: list[Callable], graph: fx.GraphModule, entry: Range):
+    """The config patch that runs the passes applying to entry on graph's compile."""
+    passes = [graph_pass for graph_pass in passes if applies(graph_pass, entry)]
+    if not passes:  # the key stays the one with no passes: such entries share Inductor's cache with them
+        return contextlib.nullcontext()
+    manager = PassManager(passes, graph.meta.get("vcompile_piece", "a piece"), entry)
+    return torch._inductor.config.patch(post_grad_custom_post_pass=manager)
+
+
+# =============================================================================
+# 8. Compiler manager and the in-memory cache (vLLM PR 41023)
 #
 # In a decoder the pieces between two attention calls differ only in names.
 # Each distinct piece is compiled once per compile entry; every later piece
@@ -1063,7 +1184,7 @@ class CompilerManager:
     """Compiles the pieces of one backend call; owns the in-memory cache."""
 
     def __init__(self, pieces_dir: str | None = None, shared_dir: str | None = None, wait_s: float = 300.0,
-                 slots: int | None = None):
+                 slots: int | None = None, passes: list[Callable] = ()):
         self.artifacts: dict[tuple[Range, str], AOTCompiledArtifact] = {}  # (entry, AOT key) -> artifact
         self.blobs: dict[int, bytes] = {}  # id(artifact) -> its bytes, serialized once
         self.seconds: dict[Range, float] = defaultdict(float)  # compile time per entry, all pieces
@@ -1075,13 +1196,14 @@ class CompilerManager:
         self.wait_s = wait_s
         self.held_elsewhere: set[str] = set()  # AOT keys another process held when this one wanted them
         self.waited_s = 0.0
+        self.passes = list(passes)
         self.slots = slots or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
     def compile_all(self, jobs: list[tuple[fx.GraphModule, list, Range]]) -> list[AOTCompiledArtifact]:
         """Each (piece, example inputs, entry) job's artifact. Jobs another
         process holds are put off while others remain, then waited for in turn.
         Without a compile slot, only what others finished is taken until one
-        frees (section 8)."""
+        frees (section 9)."""
         artifacts: list[AOTCompiledArtifact | None] = [None] * len(jobs)
         left = defaultdict(int)  # entry -> jobs not done: its time is logged when it reaches 0
         for _, _, entry in jobs:
@@ -1142,7 +1264,8 @@ class CompilerManager:
 
         try:
             with (torch._functorch.config.patch(autograd_cache_normalize_inputs=True),
-                  patch.object(aot_autograd_cache, "autograd_cache_key", key_then_stop_on_hit)):
+                  patch.object(aot_autograd_cache, "autograd_cache_key", key_then_stop_on_hit),
+                  pass_manager(self.passes, graph, entry)):
                 artifact = inductor_compile(graph, example_inputs, entry)
         except StopCompiling:
             if found == "memory":
@@ -1158,7 +1281,7 @@ class CompilerManager:
             counters.num_inductor_compiles += 1
             self.blobs[id(artifact)] = artifact_bytes(artifact)
             self._keep(key, artifact)
-            # For the other processes on this root (section 8).
+            # For the other processes on this root (section 9).
             write_piece(piece_path(self.shared_dir, key), self.blobs[id(artifact)], logger.debug)
         finally:
             if lock is not None:
@@ -1225,7 +1348,7 @@ def write_piece(path: str | None, data: bytes, log: Callable) -> bool:
 
 
 # =============================================================================
-# 8. Compiling once per machine
+# 9. Compiling once per machine
 #
 # Tensor-parallel ranks trace identical graphs, and replicas of one model
 # start together on one node: each compiled every piece, on the same cores
@@ -1326,7 +1449,7 @@ def lock_key(manager: CompilerManager, key, wait: bool) -> int | None:
 
 
 # =============================================================================
-# 9. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
+# 10. Piecewise interpreter and per-piece range dispatch (vLLM PR 35472)
 #
 # Before PR 35472 a piece compiled a range the first time a call landed in
 # it: compiles happened in the middle of serving and the reported compile time
@@ -1383,6 +1506,7 @@ class PiecewiseCompileInterpreter(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         piece = getattr(self.module, target)
         if target in self.compile_names:
+            piece.meta["vcompile_piece"] = target  # for a graph pass's error (section 7)
             symbolic = fake_args_from_graph(piece)
             first = len(self.jobs)
             self.jobs += [(piece, concrete_args(piece, entry.start) if entry.is_single_size() else symbolic, entry)
@@ -1399,7 +1523,7 @@ class PiecewiseCompileInterpreter(fx.Interpreter):
 
 
 # =============================================================================
-# 10. Codegen with inlined submodules (vLLM PR 40151)
+# 11. Codegen with inlined submodules (vLLM PR 40151)
 #
 # The split graph is only glue: call piece 0, unpack, call attention, call
 # piece 1, ... Running it as an FX GraphModule means pickling that module with
@@ -1497,7 +1621,7 @@ def bind_execution_code(code: str, consts: list, submods: list[Callable]) -> Cal
 
 
 # =============================================================================
-# 11. Serializable compiled function: save and load (vLLM PR 40151)
+# 12. Serializable compiled function: save and load (vLLM PR 40151)
 #
 # What the backend returns, and what torch's AOT entry point saves. It holds
 # everything needed to rebuild the callable in another process: the compile
@@ -1588,7 +1712,7 @@ def load_split_graph(data: bytes) -> fx.GraphModule:
 
 
 # The AOT artifact, <rank dir>/model: torch's saved function, what the save
-# cannot carry (section 17), and the CPU vector ISA its kernels were built
+# cannot carry (section 18), and the CPU vector ISA its kernels were built
 # for, in one file checked by sha256 like every artifact.
 
 
@@ -1612,7 +1736,7 @@ def save_aot_artifact(cache: CacheDir, aot_fn, model: torch.nn.Module, installed
             "modules": {name: v.__name__ for name, v in installed.items() if inspect.ismodule(v)},
             "vec_isa": picked_vec_isa(device),
             # Which sizes this trace runs and why the others fail, read
-            # before the next trace is loaded or made (section 15).
+            # before the next trace is loaded or made (section 16).
             "size_table": state["size_table"],
             "size_guards": state["size_guards"],
             "traced": state["traced"],
@@ -1701,7 +1825,7 @@ def shared_vec_isa(cache: CacheDir, device: torch.device, wait_s: float) -> None
     """picked_vec_isa for the cold starts on one writable root, probed once:
     the first holds a lock while it probes (a second of CPU on torch 2.13,
     paid four times by four cold starts on two cores) and leaves its answer
-    in shared_pieces for the others. As for the pieces (section 8), an
+    in shared_pieces for the others. As for the pieces (section 9), an
     answer older than this process is not taken."""
     if device.type != "cpu":
         return
@@ -1742,11 +1866,11 @@ def check_sources_unchanged(hashes: dict[str, str]) -> None:
 
 
 # =============================================================================
-# 12. The backend
+# 13. The backend
 #
 # What Dynamo calls with the graph it traced: split it (section 5), compile
-# every piece for every entry (6 to 9), write the execution code (10), and
-# return the serializable function (11). It runs once per trace: in AOT mode
+# every piece for every entry (6 to 10), write the execution code (11), and
+# return the serializable function (12). It runs once per trace: in AOT mode
 # at a cold start only, in JIT mode at every start, where the compiler
 # manager loads each piece from the cache folder instead of compiling it.
 # =============================================================================
@@ -1779,7 +1903,7 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
         counters.num_extra_traces += 1
     interpreter = PiecewiseCompileInterpreter(split_gm, compile_names, entries)
     interpreter.run(*fakes)
-    manager = CompilerManager(pieces_dir, shared_dir, config.compile_wait_s)
+    manager = CompilerManager(pieces_dir, shared_dir, config.compile_wait_s, passes=config.passes)
     compiled = manager.compile_all(interpreter.jobs)
     taken = counters.num_artifacts_from_other_processes - taken_before
     if taken or manager.waited_s:
@@ -1803,14 +1927,14 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
         state["code"], state["consts"] = generate_execution_code(split_gm, compile_names)
     else:
         state["split_graph"] = dump_split_graph(split_gm)
-    # Counted once it compiled: an unbacked attempt that failed is traced again (section 14).
+    # Counted once it compiled: an unbacked attempt that failed is traced again (section 15).
     counters.num_unbacked_traces += traced == "unbacked"
     counters.num_backed_traces += traced == "backed"
     return VcompileFunction(state, link(state, live, split_gm))
 
 
 # =============================================================================
-# 13. The first call: load, or compile and save, or trace (JIT)
+# 14. The first call: load, or compile and save, or trace (JIT)
 #
 # compile() only wraps the model. Its first call does the work, under the
 # monitor and inside the cache folder, in one of three ways:
@@ -1823,7 +1947,7 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 #     by an earlier start instead of compiling it.
 # Later calls check their inputs against what was compiled, and run. How the
 # model is traced, the traces for sizes the first one excludes, and doing it
-# all before the first call are sections 14 to 16.
+# all before the first call are sections 15 to 17.
 # =============================================================================
 
 
@@ -1891,7 +2015,7 @@ class CompiledModel:
         background=True the work runs on a thread and prepare returns at once;
         the first call waits for it and raises what it raised. (JIT mode
         cannot trace without running: there the example inputs run once.)"""
-        start_up(self, args, kwargs, background)  # section 16
+        start_up(self, args, kwargs, background)  # section 17
 
     def _first(self, args, kwargs, run: bool = True):
         """The first call, a prepare(), or the first run after a prepare();
@@ -1964,7 +2088,7 @@ class CompiledModel:
     def _compile_and_save(self, args, kwargs, dims, trace: int = 0, at_size: int | None = None,
                           serves: list[bool] | None = None, pieces_dir: str | None = None):
         """The AOT function, traced once and saved; None when it cannot be
-        saved so that it loads back (section 17). A later trace is traced
+        saved so that it loads back (section 18). A later trace is traced
         backed at `at_size` and compiled for the sizes it `serves`. JIT
         mode's later traces pass its `pieces_dir` and save no function."""
         module_globals = set(self.model.forward.__globals__)
@@ -2058,7 +2182,7 @@ def bind_first_call(compiled: CompiledModel, args, kwargs) -> dict[str, int]:
 def traceable(compiled: CompiledModel, args, kwargs, dims, unbacked: bool, at_size: int | None = None,
               pieces_dir: str | None = None, serves: list[bool] | None = None):
     """torch.compile's wrapper of the forward, and the inputs to trace it
-    with (section 14). Dynamo's share of the time counts from here."""
+    with (section 15). Dynamo's share of the time counts from here."""
     global _compile_started_at
 
     def backend_of_this_trace(gm, example_inputs):
@@ -2067,8 +2191,8 @@ def traceable(compiled: CompiledModel, args, kwargs, dims, unbacked: bool, at_si
             compiled.compiled_fn = backend(gm, example_inputs, config=compiled.config, is_encoder=compiled.is_encoder,
                                            pieces_dir=pieces_dir, serves=serves,
                                            shared_dir=compiled.cache.shared_dir if writable else None)
-        except Exception:
-            if writable:  # Dynamo traced; compiling into the folder failed (see _first)
+        except Exception as e:
+            if writable and cause_of(e, PassError) is None:  # compiling into the folder failed (see _first)
                 compiled.cache_failed = True  # a flag: the exception's traceback would keep the graph alive
             raise
         return compiled.compiled_fn
@@ -2125,7 +2249,7 @@ def one_trace(fn: Callable, saved: dict, loaded: bool, isa: dict | None = None) 
 
 
 # =============================================================================
-# 14. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
+# 15. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
 #
 # A dynamic size Dynamo may guard on ("backed") has, under
 # backed_size_oblivious, a range that holds 1. So every layout question in
@@ -2153,6 +2277,9 @@ def unbacked_else_backed(compiled: CompiledModel, trace: Callable[[bool], Any]):
     try:
         return trace(True)
     except Exception as e:
+        failed_pass = cause_of(e, PassError)
+        if failed_pass is not None:
+            raise failed_pass  # a backed trace would run the same pass
         if compiled.compiled_fn is not None:
             raise
         decided = data_dependent_decision(e)
@@ -2181,7 +2308,7 @@ def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int
     decisions that hold only there (a transpose of a size-1 dim is
     contiguous, so `.contiguous()` and `reshape` become views): a Hugging
     Face Llama gave NaN at 8 tokens. So a backed trace of a one-token call
-    runs at two tokens, and a later trace (section 15) at `at_size`: the
+    runs at two tokens, and a later trace (section 16) at `at_size`: the
     call's tensors repeated along the token dim and cut to that size.
     """
     # Each input stays where the call put it: the code Dynamo writes for a
@@ -2220,10 +2347,7 @@ def data_dependent_decision(e: Exception) -> str | None:
     """What an unbacked trace could not decide, and where, as Dynamo said it
     (`size >= 4` at `if x.size()[0] >= 4:  # model.py:12 in forward`); None
     when the trace failed for another reason, which a backed trace would not cure."""
-    cause = e
-    while cause is not None and not isinstance(cause, GuardOnDataDependentSymNode):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None:
+    if cause_of(e, GuardOnDataDependentSymNode) is None:
         return None
     text = str(e)
     expr = re.search(r"data-dependent expression (.+?) \(", text)
@@ -2240,7 +2364,7 @@ def _tracing_patches():
 
 
 # =============================================================================
-# 15. Sizes the first trace excludes: later traces
+# 16. Sizes the first trace excludes: later traces
 #
 # Stock torch.compile traces again when a guard fails, in the middle of
 # serving; vLLM drops the guard and runs the wrong branch. vcompile traces
@@ -2291,8 +2415,8 @@ def later_traces(compiled: CompiledModel, first: dict,
             if trace is None:
                 raise RuntimeError("its compiled function cannot be saved to load back")
         except Exception as e:  # as eager would (torch._check), or another failure: refused, not fatal
-            if compiled.cache_failed and compiled.cache is not None:
-                raise  # the cache folder failed, not this size: the first call starts again without it
+            if (compiled.cache_failed and compiled.cache is not None) or cause_of(e, PassError) is not None:
+                raise  # the cache folder or a graph pass failed, not this size
             # Every size that fails the same guard is given up with this
             # run: `torch._check(x.shape[0] % 2 == 0)` would otherwise cost
             # a failed trace per odd size.
@@ -2350,7 +2474,7 @@ def refused(compiled: CompiledModel, size: int, traces: list[dict]) -> ValueErro
 
 
 # =============================================================================
-# 16. Compiling at start-up (prepare)
+# 17. Compiling at start-up (prepare)
 #
 # prepare() does the first call's work before it, from example inputs, and
 # runs nothing: a server's first request should not pay for the compile
@@ -2389,7 +2513,7 @@ def start_up(compiled: CompiledModel, args: tuple, kwargs: dict, background: boo
 
 
 # =============================================================================
-# 17. What a save cannot carry: models people bring
+# 18. What a save cannot carry: models people bring
 #
 # Hugging Face decoders broke the saved artifact three ways. Their forward is
 # wrapped by decorators, and pickle cannot store the original function that a
@@ -2503,7 +2627,7 @@ def aot_unavailable(cache: CacheDir | None) -> str | None:
 
 
 # =============================================================================
-# 18. The cache from the command line: list, remove, prune
+# 19. The cache from the command line: list, remove, prune
 #
 #   python -m vcompile cache [ROOT] [--json]      what each hash folder holds
 #   python -m vcompile cache ROOT --remove HASH   delete one folder
@@ -2541,9 +2665,10 @@ def cache_listing(root: str) -> list[dict]:
             "path": folder,
             "model": factors.get("model"),
             "vcompile": factors.get("vcompile_version"),  # None: written before 0.2.0
-            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 14); None: not yet, or before 0.2.0
+            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 15); None: not yet, or before 0.2.0
             "backed_because": factors.get("backed_because"),  # why not unbacked, where it was tried
             "trace_sizes": factors.get("trace_sizes"),  # the sizes each trace runs, where there are several
+            "passes": factors.get("passes") or [],  # graph passes (section 7): name, where it applies, uuid
             "torch": (factors.get("torch") or [None])[0],
             "device": factors.get("device"),
             "compile_entries": factors.get("compile_entries"),
@@ -2640,6 +2765,8 @@ def print_listing(root: str, rows: list[dict]) -> None:
                 print("    traced: " + {"unbacked": "unbacked, no guard on the token count",
                                         "backed": "backed, its guards on the token count kept"}[row["traced"]]
                       + (f" (not unbacked: {row['backed_because']})" if row["backed_because"] else ""))
+            if row["passes"]:
+                print("    graph passes: " + "; ".join(p.rsplit(" ", 1)[0] for p in row["passes"]))
             for i, sizes in enumerate(row["trace_sizes"] or []):
                 print(f"    trace {i + 1} runs sizes {sizes}")
         print(f"    warm start from: {', '.join(row['artifacts']) or 'no AOT artifact'}")
