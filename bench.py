@@ -8,6 +8,7 @@
     python bench.py --model hf-llama      # the same cases on a Hugging Face Llama (needs transformers)
     python bench.py --generate            # decode speed: greedy tokens with a key/value cache
     python bench.py --startup             # start-up: about 1 GB of weights on disk, with and without prepare()
+    python bench.py --passes              # a graph pass: opaque norms and activation decomposed, with against without
 
 Every case runs in a fresh Python process with its own empty caches where it
 is cold, so what it measures is what a new server process pays:
@@ -945,6 +946,149 @@ def generate_table(results: dict, depths: list[int], summary: dict) -> str:
     return "\n".join(lines)
 
 
+# --- bench.py --passes: what a graph pass buys ------------------------------------
+# vLLM calls its norms and activations as custom ops (its own kernels), which
+# Inductor cannot see into or fuse with what is around them; its fusion passes
+# put fused kernels in their place. The stand-in that runs anywhere: bench's
+# decoder with RMSNorm and SiLU-and-mul as opaque custom ops, compiled by
+# vcompile without and with a pass that puts their ATen decomposition back
+# (through Inductor's pattern matcher, as vLLM's passes work), so that Inductor
+# fuses them with the residual adds around them. Steady state at
+# each size in one process, eager's, vcompile's and vcompile's with the pass
+# calls in turn; outputs checked against eager first.
+
+PASSES_SIZES = [1, 128]
+PASSES_CALLS = 100
+
+
+@torch.library.custom_op("vcompile_bench::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("vcompile_bench::silu_and_mul", mutates_args=())
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@silu_and_mul.register_fake
+def _(x):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+class OpaqueRMSNorm(RMSNorm):
+    def forward(self, x):
+        return torch.ops.vcompile_bench.rms_norm(x, self.weight, self.eps)
+
+
+class OpaqueDecoderLayer(DecoderLayer):
+    def __init__(self, hidden: int, heads: int, ffn: int):
+        super().__init__(hidden, heads, ffn)
+        self.input_norm, self.post_norm = OpaqueRMSNorm(hidden), OpaqueRMSNorm(hidden)
+
+    def forward(self, x, positions=None):
+        q, k, v = self.qkv(self.input_norm(x)).chunk(3, dim=-1)
+        x = x + self.o_proj(self.attention(q, k, v, positions))
+        return x + self.down(torch.ops.vcompile_bench.silu_and_mul(self.gate_up(self.post_norm(x))))
+
+
+class OpaqueDecoder(Decoder):
+    """bench.Decoder computing the same, its norms and activation opaque."""
+
+    def __init__(self, layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128, vocab: int = 256):
+        super().__init__(layers, hidden, heads, ffn, vocab)
+        self.layers = nn.ModuleList(OpaqueDecoderLayer(hidden, heads, ffn) for _ in range(layers))
+        self.norm = OpaqueRMSNorm(hidden)
+
+
+def opaque_rms_norm(x, weight):
+    return torch.ops.vcompile_bench.rms_norm(x, weight, 1e-6)
+
+
+def aten_rms_norm(x, weight):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+
+
+def opaque_silu_and_mul(x):
+    return torch.ops.vcompile_bench.silu_and_mul(x)
+
+
+def aten_silu_and_mul(x):
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Decompose:
+    """A graph pass: each opaque op becomes its ATen decomposition. The
+    patterns are traced once, when the pass is made; the replacement is
+    traced again at each match, with the shapes found there. The eps is in
+    the pattern, as vLLM registers its RMSNorm patterns once per epsilon."""
+
+    def __init__(self):
+        from torch._inductor.pattern_matcher import PatternMatcherPass, fwd_only, register_replacement
+
+        self.patterns, self.replaced = PatternMatcherPass(), 0
+        register_replacement(opaque_rms_norm, aten_rms_norm, [torch.empty(4, 8), torch.empty(8)], fwd_only,
+                             self.patterns)
+        register_replacement(opaque_silu_and_mul, aten_silu_and_mul, [torch.empty(4, 8)], fwd_only, self.patterns)
+
+    def __call__(self, graph):
+        self.replaced += self.patterns.apply(graph)
+
+
+def run_passes(case: str, layers: int, device: str, cache: str, model_kwargs: dict, started: float,
+               model_name: str = "decoder", iters: int = PASSES_CALLS) -> dict:
+    import vcompile
+
+    torch.manual_seed(0)
+    model, decompose = OpaqueDecoder(layers, **model_kwargs).to(device), Decompose()
+    fns = {"eager": model}
+    for name, passes in (("vcompile", []), ("vcompile_pass", [decompose])):
+        config = vcompile.CompilationConfig(splitting_ops=SPLITTING_OPS, cache_dir=os.path.join(cache, name),
+                                            passes=passes, **CONFIG)
+        fns[name] = vcompile.compile(model, config)
+    out: dict = {"replaced": 0}
+    with torch.no_grad():
+        for size in PASSES_SIZES:
+            ids = torch.randint(0, model_kwargs["vocab"], (size,), generator=torch.Generator().manual_seed(size)).to(device)
+            expected = model(ids)
+            for name in ("vcompile", "vcompile_pass"):  # compiles at the first size
+                out[f"{name}_max_error_{size}"] = (fns[name](ids) - expected).abs().max().item()
+            times: dict = {name: [] for name in fns}
+            for _ in range(iters):
+                for name, fn in fns.items():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fn(ids)
+                    _sync(device)
+                    times[name].append(time.perf_counter() - t0)
+            out.update({f"{name}_ms_{size}": 1000 * statistics.median(t) for name, t in times.items()})
+    out["replaced"] = decompose.replaced
+    return out
+
+
+def passes_table(results: dict, depths: list[int]) -> str:
+    lines = [f"\n  {'layers':>6} {'tokens':>6} {'eager':>9} {'vcompile':>9} {'with pass':>10} {'pass/without':>13}"
+             f"  max |diff| from eager, without / with"]
+    for layers in depths:
+        r = results[layers]["passes"]
+        for size in PASSES_SIZES:
+            lines.append(f"  {layers:>6} {size:>6} {r[f'eager_ms_{size}']:7.2f}ms {r[f'vcompile_ms_{size}']:7.2f}ms "
+                         f"{r[f'vcompile_pass_ms_{size}']:8.2f}ms "
+                         f"{r[f'vcompile_pass_ms_{size}'] / r[f'vcompile_ms_{size}']:12.2f}x  "
+                         f"{r[f'vcompile_max_error_{size}']:.1e} / {r[f'vcompile_pass_max_error_{size}']:.1e}")
+    lines.append(f"  medians of {PASSES_CALLS} calls of each, alternated in one process; the pass's matches in the "
+                 "compiles that ran (identical layers compile once): "
+                 + ", ".join(f"{results[d]['passes']['replaced']} at {d} layers" for d in depths))
+    return "\n".join(lines)
+
+
 # --- bench.py --startup: a server's start, weights on disk -------------------------
 # What a deployment pays before its first request: import, build the model
 # empty, read about 1 GB of float32 weights from a safetensors file, run.
@@ -1112,13 +1256,16 @@ def main(argv=None) -> None:
                         help="start-up instead: a wide decoder (268 MB of float32 weights per layer) loaded from a "
                              "safetensors file, eager against vcompile warm and cold, with and without prepare() "
                              "(default depth 4, about 1 GB; needs safetensors)")
+    parser.add_argument("--passes", action="store_true",
+                        help=f"graph passes instead: the decoder with opaque RMSNorm and SiLU-and-mul ops, vcompile "
+                             f"without and with a pass that decomposes them, steady state at {PASSES_SIZES} tokens")
     args = parser.parse_args(argv)
-    if args.generate and args.startup:
-        parser.error("--generate and --startup are two benches; run them one at a time")
-    if args.plot and (args.generate or args.startup):
-        parser.error("--plot draws the compile cases; it does not go with --generate or --startup")
-    if args.startup and args.model != "decoder":
-        parser.error("--startup runs bench.Decoder only")
+    if args.generate + args.startup + args.passes > 1:
+        parser.error("--generate, --startup and --passes are three benches; run them one at a time")
+    if args.plot and (args.generate or args.startup or args.passes):
+        parser.error("--plot draws the compile cases; it does not go with --generate, --startup or --passes")
+    if (args.startup or args.passes) and args.model != "decoder":
+        parser.error("--startup and --passes run bench.Decoder only")
     if args.startup:
         try:
             import safetensors  # noqa: F401
@@ -1146,6 +1293,9 @@ def main(argv=None) -> None:
         print(f"bench --startup: decoder {STARTUP_MODEL} on {args.device} ({device_name}), torch "
               f"{torch.__version__}, layers {depths}, weights from safetensors read from disk, first output at "
               f"{FIRST_SIZE} tokens", flush=True)
+    elif args.passes:
+        print(f"bench --passes: decoder with opaque norms and activation on {args.device} ({device_name}), torch "
+              f"{torch.__version__}, layers {depths}, steady state at {PASSES_SIZES} tokens", flush=True)
     elif args.generate:
         print(f"bench --generate: {args.model} on {args.device} ({device_name}), torch {torch.__version__}, layers "
               f"{depths}, {NEW_TOKENS} greedy tokens after a {PROMPT_SIZE}-token prompt", flush=True)
@@ -1168,6 +1318,12 @@ def main(argv=None) -> None:
             results[layers] = {}
             if args.startup:
                 sizes[layers] = write_weights(weights_file(dirs["vcompile"]), layers, model_kwargs)
+            if args.passes:
+                r = results[layers]["passes"] = spawn_once("passes", layers, args.device, dirs, model_kwargs,
+                                                           PASSES_CALLS, args.model, "run_passes")
+                print(f"  {layers:>3} layers  with the pass/without, at {PASSES_SIZES} tokens: " + ", ".join(
+                    f"{r[f'vcompile_pass_ms_{s}'] / r[f'vcompile_ms_{s}']:.2f}x" for s in PASSES_SIZES), flush=True)
+                continue
             for case in cases:
                 r = spawn(case, layers, args.device, dirs, model_kwargs, iters, repeats=1 if args.quick else 3,
                           model_name=args.model, runner=runner)
@@ -1180,7 +1336,10 @@ def main(argv=None) -> None:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
-    if args.startup:
+    if args.passes:
+        summary = {}
+        print(passes_table(results, depths))
+    elif args.startup:
         summary = startup_summary(results, depths)
         print(startup_table(results, depths, summary, sizes))
     elif args.generate:
@@ -1195,7 +1354,8 @@ def main(argv=None) -> None:
                        "torch": torch.__version__, "python": platform.python_version(),
                        "date": datetime.date.today().isoformat(), "model": model_kwargs,
                        **({"config": GEN_CONFIG, "prompt_size": PROMPT_SIZE, "new_tokens": NEW_TOKENS}
-                          if args.generate else {"config": CONFIG, "first_size": FIRST_SIZE, "weight_bytes": sizes}
+                          if args.generate else {"config": CONFIG, "sizes": PASSES_SIZES, "calls": PASSES_CALLS}
+                          if args.passes else {"config": CONFIG, "first_size": FIRST_SIZE, "weight_bytes": sizes}
                           if args.startup else {"config": CONFIG, "first_size": FIRST_SIZE,
                                                 "steady_size": STEADY_SIZE, "steady_calls": iters}),
                        "results": results, "ratios": summary}, f, indent=1)

@@ -3506,6 +3506,19 @@ def test_bench_decodes_a_nanogpt_decoder_and_times_steps_alternated(tmp_path, mo
     assert all(steps[f"{name}_step_ms"] > 0 for name in ("eager", "stock", "vcompile"))
 
 
+def test_bench_passes_decomposes_the_opaque_ops_and_times_both(tmp_path, monkeypatch):
+    # bench.py --passes at one layer: the decoder with opaque norms and
+    # activation computes eager's outputs with the pass and without it.
+    monkeypatch.setenv("PYTHONPATH", known_isa_path())
+    result = bench.spawn_once("passes", layers=1, device="cpu", dirs=bench.case_dirs(str(tmp_path)),
+                              model_kwargs={**bench.MODEL, "hidden": 64}, iters=3, model_name="decoder",
+                              runner="run_passes")
+    assert result["replaced"] >= 3  # two norms and the activation of the one layer, at least once
+    for size in bench.PASSES_SIZES:
+        assert result[f"vcompile_max_error_{size}"] <= 1e-4 and result[f"vcompile_pass_max_error_{size}"] <= 1e-4
+        assert all(result[f"{name}_ms_{size}"] > 0 for name in ("eager", "vcompile", "vcompile_pass"))
+
+
 def test_bench_startup_loads_weights_from_disk_while_prepare_works(tmp_path, monkeypatch):
     # bench.py --startup, three of its cases on a small decoder: built on the
     # meta device, weights read from a safetensors file; prepared in the

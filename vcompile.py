@@ -39,7 +39,7 @@ from __future__ import annotations
 
 # Copied into another project, the file says which vcompile it is; pyproject
 # reads its version from here.
-__version__ = "0.3.1"
+__version__ = "0.4.0"
 
 import argparse
 import atexit
