@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
+import copy
 import dataclasses
 import errno
 import fcntl
@@ -2139,7 +2140,104 @@ def test_first_call_of_size_one_does_not_specialize(device):
 
 
 # =============================================================================
-# 11. Codegen with inlined submodules (vLLM PR 40151)
+# 11. Piecewise CUDA graphs (vLLM's CUDAGraphWrapper)
+# =============================================================================
+
+# On a CPU every test of this block runs through the stand-in graph; where
+# there is a GPU the same tests run again with torch.cuda.CUDAGraph.
+NO_CUDA = "needs CUDA, for the real torch.cuda.CUDAGraph: run `python -m pytest -m cuda -q` on a GPU machine"
+GRAPH_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
+                                                    pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)])]
+GRAPH_CONFIG = dict(splitting_ops=bench.KV_SPLITTING_OPS, compile_sizes=[1], compile_ranges_endpoints=[8],
+                    max_num_batched_tokens=64, cudagraph_capture_sizes=[1, 2, 4, 8])
+STAND_IN = {"cpu": {"VCOMPILE_CUDAGRAPH_STAND_IN": "1"}, "cuda": {"VCOMPILE_CUDAGRAPH_STAND_IN": None}}
+
+
+def graphed_decoder(device: str, root: str):
+    """A key/value-cache decoder (the splitting op writes its cache) and an eager twin."""
+    torch.manual_seed(0)
+    model = bench.CachedDecoder(layers=2, max_tokens=64).to(device)
+    return vcompile.compile(model, CompilationConfig(cache_dir=root, **GRAPH_CONFIG)), model, copy.deepcopy(model)
+
+
+def generate_both(fn, model, twin, prompt_size: int, device: str, new_tokens: int = 8) -> dict:
+    """Tokens and the largest logit difference from eager. generate() keeps
+    every step's logits: an output a later replay overwrote would show."""
+    prompt = torch.randint(0, 256, (prompt_size,), generator=torch.Generator().manual_seed(prompt_size)).to(device)
+    with torch.no_grad():
+        tokens, logits = bench.generate(fn, model, prompt, new_tokens)
+        want_tokens, want_logits = bench.generate(twin, twin, prompt, new_tokens)
+    return {"same_tokens": tokens.tolist() == want_tokens.tolist(), "error": (logits - want_logits).abs().max().item()}
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("device", GRAPH_DEVICES)
+def test_generation_replays_every_piece_at_the_capture_sizes_only(device, tmp_path, monkeypatch, caplog):
+    for name, value in STAND_IN[device].items():
+        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+    caplog.set_level(logging.INFO, logger="vcompile")
+    fn, model, twin = graphed_decoder(device, str(tmp_path))
+    before = counter_values()
+    # A 20-token prompt (no capture size: runs without graphs), then one-token steps (captured once, replayed).
+    first = generate_both(fn, model, twin, 20, device)
+    pieces = counters.num_piecewise_capturable_graphs_seen - before["num_piecewise_capturable_graphs_seen"]
+    assert pieces == 3 and counters.num_cudagraph_captured - before["num_cudagraph_captured"] == pieces
+    # A 4-token prompt is a capture size: its pieces are captured; size 1's are replayed, not captured again.
+    second = generate_both(fn, model, twin, 4, device)
+    assert counters.num_cudagraph_captured - before["num_cudagraph_captured"] == 2 * pieces
+    for result in (first, second):
+        assert result["same_tokens"] and result["error"] <= TOL[device], result
+    captured = [m.split(" in ")[0] for m in messages(caplog) if m.startswith("Captured")]
+    assert captured == ["Captured 3 pieces as CUDA graphs at size 1", "Captured 3 pieces as CUDA graphs at size 4"]
+
+
+def child_graphs(root: str, device: str, prepare: bool) -> dict:
+    fn, model, twin = graphed_decoder(device, root)
+    with recorded() as seen:
+        if prepare:
+            fn.prepare(input_ids=torch.zeros(20, dtype=torch.long, device=device),
+                       position_ids=torch.arange(20, device=device))
+            captured_by_prepare = counters.num_cudagraph_captured
+        generated = generate_both(fn, model, twin, 20, device)
+    return {**generated, **seen, "captured_by_prepare": captured_by_prepare if prepare else None}
+
+
+@pytest.mark.parametrize("device", GRAPH_DEVICES)
+def test_a_warm_start_loads_and_captures_again_and_prepare_captures_nothing(device, tmp_path):
+    cold = run_child("child_graphs", root=str(tmp_path), device=device, prepare=False, env=STAND_IN[device])
+    warm = run_child("child_graphs", root=str(tmp_path), device=device, prepare=True, env=STAND_IN[device])
+    assert_counters(cold, num_aot_artifacts_saved=1, num_cudagraph_captured=3)
+    assert_counters(warm, **WARM, num_cudagraph_captured=3)  # graphs are not saved: captured again
+    assert warm["captured_by_prepare"] == 0  # the first call at a capture size captures, not prepare()
+    for result in (cold, warm):
+        assert result["same_tokens"] and result["error"] <= TOL[device], result
+
+
+def test_capture_sizes_without_cuda_warn_once_and_run_without_graphs(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("VCOMPILE_CUDAGRAPH_STAND_IN", raising=False)
+    monkeypatch.setattr(vcompile, "_warned_no_cuda", False)
+    caplog.set_level(logging.INFO, logger="vcompile")
+    fn, model, twin = graphed_decoder("cpu", str(tmp_path))
+    with counters.expect(num_cudagraph_captured=0):
+        result = generate_both(fn, model, twin, 4, "cpu")
+        generate_both(*graphed_decoder("cpu", str(tmp_path / "again")), 4, "cpu")
+    assert result["same_tokens"] and result["error"] <= TOL["cpu"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["vcompile: cudagraph_capture_sizes need CUDA; the model is on cpu and runs without CUDA graphs"]
+
+
+def test_a_capture_size_no_entry_serves_is_refused_at_compile():
+    with pytest.raises(ValueError, match=re.escape("capture size 100 is outside every compile range: [1, 1], "
+                                                   "[1, 8], [9, 64]")):
+        vcompile.compile(bench.CachedDecoder(layers=1), CompilationConfig(**{**GRAPH_CONFIG,
+                                                                            "cudagraph_capture_sizes": [8, 100]}))
+    with pytest.raises(ValueError, match="cudagraph_capture_sizes must hold positive ints"):
+        CompilationConfig(cudagraph_capture_sizes=[0])
+
+
+
+# =============================================================================
+# 12. Codegen with inlined submodules (vLLM PR 40151)
 # =============================================================================
 
 
@@ -2273,7 +2371,7 @@ def test_constants_in_the_attention_piece_survive_a_warm_load(device, cold_cache
 
 
 # =============================================================================
-# 12. Serializable compiled function: save and load (vLLM PR 40151)
+# 13. Serializable compiled function: save and load (vLLM PR 40151)
 # =============================================================================
 
 
@@ -2386,7 +2484,7 @@ def test_an_edited_model_source_recompiles_with_a_warning(device, cold_cache, tm
 
 
 # =============================================================================
-# 13. The backend
+# 14. The backend
 # =============================================================================
 
 
@@ -2437,7 +2535,7 @@ def test_the_backend_compiles_every_piece_and_returns_a_saveable_function(device
 
 
 # =============================================================================
-# 14. The first call: load, or compile and save, or trace (JIT)
+# 15. The first call: load, or compile and save, or trace (JIT)
 # =============================================================================
 
 
@@ -2615,7 +2713,7 @@ def test_a_cold_start_on_a_full_disk_runs_the_model(device, tmp_path):
 
 
 # =============================================================================
-# 15. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
+# 16. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
 # =============================================================================
 
 
@@ -2715,7 +2813,7 @@ def test_the_models_own_error_is_raised_as_eager_raises_it(caplog):
 
 
 # =============================================================================
-# 16. Sizes the first trace excludes: later traces
+# 17. Sizes the first trace excludes: later traces
 # =============================================================================
 
 
@@ -2821,7 +2919,7 @@ def test_a_model_past_max_traces_is_refused_at_the_sizes_left_with_the_bound_nam
 
 
 # =============================================================================
-# 17. Compiling at start-up (prepare)
+# 18. Compiling at start-up (prepare)
 # =============================================================================
 
 
@@ -2902,7 +3000,7 @@ def test_prepare_twice_or_beside_a_first_call_compiles_once():
 
 
 # =============================================================================
-# 18. What a save cannot carry: models people bring
+# 19. What a save cannot carry: models people bring
 # =============================================================================
 
 
@@ -3202,7 +3300,7 @@ def test_hugging_face_decoders_compile_and_start_warm(device, tmp_path):
 
 
 # =============================================================================
-# 19. The cache from the command line: list, remove, prune
+# 20. The cache from the command line: list, remove, prune
 # =============================================================================
 
 
@@ -3423,7 +3521,7 @@ def test_generating_with_a_key_value_cache_matches_eager_cold_and_warm(device, t
     names = ["decoder", "llama"]
     cold = run_child("child_generate", root=str(tmp_path), device=device, names=names)
     warm = run_child("child_generate", root=str(tmp_path), device=device, names=names)
-    # torch 2.11 runs the Hugging Face model the JIT way (section 18), tracing it a second time.
+    # torch 2.11 runs the Hugging Face model the JIT way (section 19), tracing it a second time.
     aot, hf_traces = len(names) - (0 if AOT_WRAPS_HF else 1), 1 if AOT_WRAPS_HF else 2
     assert_counters(cold, num_aot_compiles=aot, num_aot_artifacts_saved=aot, num_aot_artifacts_loaded=0,
                     num_unbacked_traces=len(names) - 1, num_backed_traces=hf_traces)

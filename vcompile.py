@@ -20,15 +20,16 @@ The sections follow the data, top to bottom:
    8. compiler manager, in-memory cache        vLLM PR 41023
    9. compiling once per machine
   10. piecewise interpreter, range dispatch    vLLM PR 35472
-  11. codegen with inlined submodules          vLLM PR 40151
-  12. serializable compiled function: save and load   vLLM PR 40151
-  13. the backend
-  14. the first call: load, or compile and save, or trace (JIT)
-  15. how the token count is traced: unbacked, and the backed fallback   vLLM PR 44256
-  16. sizes the first trace excludes: later traces
-  17. compiling at start-up (prepare)
-  18. what a save cannot carry: models people bring
-  19. the cache from the command line: list, remove, prune
+  11. piecewise CUDA graphs                   vLLM's CUDAGraphWrapper
+  12. codegen with inlined submodules          vLLM PR 40151
+  13. serializable compiled function: save and load   vLLM PR 40151
+  14. the backend
+  15. the first call: load, or compile and save, or trace (JIT)
+  16. how the token count is traced: unbacked, and the backed fallback   vLLM PR 44256
+  17. sizes the first trace excludes: later traces
+  18. compiling at start-up (prepare)
+  19. what a save cannot carry: models people bring
+  20. the cache from the command line: list, remove, prune
 
 Usage:
     fn = vcompile.compile(model, vcompile.CompilationConfig(splitting_ops=["my::attention"]))
@@ -148,7 +149,7 @@ class CompilationConfig:
     # the same cache root (section 9) before it compiles the piece itself.
     compile_wait_s: float = 300.0
     # How many traces a model that branches on the token count may get, the
-    # first included (section 16): each costs a trace and its compiles.
+    # first included (section 17): each costs a trace and its compiles.
     max_traces: int = 4
     use_aot: bool = True
     use_codegen: bool = True
@@ -156,6 +157,8 @@ class CompilationConfig:
     # a piece's post-grad graph in place; optional applies_to(Range) -> bool
     # and uuid() -> str.
     passes: list = dataclasses.field(default_factory=list)
+    # Token counts at which every compiled piece runs as a CUDA graph (section 11).
+    cudagraph_capture_sizes: list[int] = dataclasses.field(default_factory=list)
     # Written by monitor_torch_compile alone. Before PR 40641 the backend also
     # added to these and encoder time was counted twice.
     compilation_time: float = 0.0
@@ -172,7 +175,7 @@ class CompilationConfig:
         for name in ("max_num_batched_tokens", "max_traces"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"vcompile: {name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("compile_ranges_endpoints", "compile_sizes"):
+        for name in ("compile_ranges_endpoints", "compile_sizes", "cudagraph_capture_sizes"):
             bad = [v for v in getattr(self, name) if not _is_int(v) or v < 1]
             if bad:
                 raise ValueError(f"vcompile: {name} must hold positive ints, got {bad}")
@@ -209,12 +212,13 @@ class CompilationCounter:
     num_compiled_artifacts_saved: int = 0  # unique piece artifacts written to disk
     num_compiled_artifacts_loaded: int = 0  # unique piece artifacts read from disk
     num_aot_compiles: int = 0
-    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 15)
+    num_unbacked_traces: int = 0  # graphs traced with the token count unbacked: no guard on it (section 16)
     num_backed_traces: int = 0  # graphs traced backed, their guards on the token count kept (section 6)
-    num_extra_traces: int = 0  # traces of sizes the first trace's guards exclude (section 16), of the above
+    num_extra_traces: int = 0  # traces of sizes the first trace's guards exclude (section 17), of the above
     num_aot_artifacts_saved: int = 0
     num_aot_artifacts_loaded: int = 0
     num_fx_graph_deserializations: int = 0  # only the use_codegen=False baseline has any
+    num_cudagraph_captured: int = 0  # pieces captured as CUDA graphs, once per piece and capture size (section 11)
 
     @contextlib.contextmanager
     def expect(self, **deltas: int):
@@ -259,14 +263,16 @@ def cause_of(e: BaseException | None, kind: type) -> BaseException | None:
 
 # Start of the compile in flight; the backend reads it to log Dynamo's share.
 _compile_started_at = 0.0
+_capture_s = 0.0  # seconds spent capturing CUDA graphs (section 11): not compile time
 
 
 @contextlib.contextmanager
 def monitor_torch_compile(config: CompilationConfig, is_encoder: bool = False):
     global _compile_started_at
-    started = _compile_started_at = time.perf_counter()
+    started, captured_s = time.perf_counter(), _capture_s
+    _compile_started_at = started
     yield  # an exception here leaves the totals untouched: failed work is not compile time
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - started - (_capture_s - captured_s)
     if is_encoder:
         config.encoder_compilation_time += elapsed
     else:
@@ -289,7 +295,7 @@ def monitor_torch_compile(config: CompilationConfig, is_encoder: bool = False):
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/model.py  its execution code, to read
 #   <root>/torch_aot_compile/<hash>/rank_<r>_<dp>/pieces/   JIT mode's per-piece artifacts
 #   <root>/torch_aot_compile/<hash>/shared_pieces/          what one process compiles for all (section 9),
-#                                                           and the vector ISA it probed (section 12)
+#                                                           and the vector ISA it probed (section 13)
 #
 # A cache is built once and then shipped: baked into a container image,
 # mounted read-only, copied to many nodes. A root that holds this model's
@@ -369,7 +375,7 @@ class CacheDir:
         self.pieces_dir = os.path.join(self.rank_dir, "pieces")
         self.unavailable_path = os.path.join(self.rank_dir, "model.unavailable")  # why AOT cannot load back
 
-    def trace_path(self, trace: int) -> str:  # the first trace's is model_path (section 16)
+    def trace_path(self, trace: int) -> str:  # the first trace's is model_path (section 17)
         return self.model_path if trace == 0 else f"{self.model_path}.trace{trace}"
 
     def has_pieces(self) -> bool:
@@ -427,7 +433,7 @@ def open_cache_dir(factors: dict, config: CompilationConfig) -> CacheDir | None:
 FACTORS_FILE = "cache_key_factors.json"
 # Kept in that file beside the factors, not hashed: the vcompile that wrote
 # the folder (FORMAT_VERSION says when a file cannot be read) and how the
-# token count was traced (section 15).
+# token count was traced (section 16).
 NOT_FACTORS = ("vcompile_version", "traced")
 LAST_LOADED_FILE = "last_loaded"  # its mtime: when a start last loaded from this folder
 
@@ -836,8 +842,8 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 # Dynamo's guards vcompile keeps those on the size symbols alone, as a table
 # from each size up to max_num_batched_tokens to the entry that runs it,
 # saved with the artifact: one list index per call. Sizes where a guard fails
-# get traces of their own (section 16); a size no trace runs is refused. An
-# unbacked trace (section 15) records runtime asserts instead
+# get traces of their own (section 17); a size no trace runs is refused. An
+# unbacked trace (section 16) records runtime asserts instead
 # (`torch._check(x.shape[0] <= 42)` becomes `u0 <= 42`), which the compiled
 # code would raise inside a kernel: the table keeps those too, and 43 is
 # refused with the check named before anything runs.
@@ -919,7 +925,7 @@ def size_table(entries: list[Range], guards: list[tuple[str, str]], top: int,
     or OUTSIDE_EVERY_ENTRY, or GUARD_FAILS. Built once per compile (8193
     sizes by default, a few milliseconds); a warning names each entry it
     leaves no size to, since that entry's artifacts can never run. A later
-    trace (section 16) `serves` only the sizes earlier traces refuse: the
+    trace (section 17) `serves` only the sizes earlier traces refuse: the
     others are GUARD_FAILS in its table, and its unused entries are dropped."""
     holds = guards_hold(guards)
     table = [entry_of(size, entries, holds) if serves is None or serves[size] else GUARD_FAILS
@@ -1464,16 +1470,25 @@ class PieceRunner:
     by the size found at args[size_arg] (a SymInt) or args[size_arg].shape[size_dim]."""
 
     def __init__(self, name: str, fns: list[Callable], lookup: Callable[[int], int],
-                 size_arg: int | None, size_dim: int | None, returns_tuple: bool):
+                 size_arg: int | None, size_dim: int | None, returns_tuple: bool,
+                 capture_sizes: frozenset = frozenset(), owned: set | None = None):
         self.name, self.fns, self.lookup = name, fns, lookup
         self.size_arg, self.size_dim, self.returns_tuple = size_arg, size_dim, returns_tuple
+        self.capture_sizes, self.owned = capture_sizes, owned  # section 11
+        self.graphs: dict[int, tuple] = {}  # capture size -> (graph, static inputs, outputs)
 
     def __call__(self, *args):
         if self.size_arg is None:  # no dynamic input: every entry compiled the same graph
             out = self.fns[0](*args)
         else:
             size = args[self.size_arg] if self.size_dim is None else args[self.size_arg].shape[self.size_dim]
-            out = self.fns[self.lookup(size)](*args)
+            fn = self.fns[self.lookup(size)]
+            if size not in self.capture_sizes:
+                out = fn(*args)
+            else:
+                if size not in self.graphs:
+                    self.graphs[size] = capture(fn, args, self.owned)
+                out = replay(*self.graphs[size], args)
         # A loaded artifact returns a list even when its graph returned one
         # value (a fresh one unwraps it): give back what the graph returned.
         if not self.returns_tuple and isinstance(out, (list, tuple)):
@@ -1523,7 +1538,145 @@ class PiecewiseCompileInterpreter(fx.Interpreter):
 
 
 # =============================================================================
-# 11. Codegen with inlined submodules (vLLM PR 40151)
+# 11. Piecewise CUDA graphs (vLLM's CUDAGraphWrapper)
+#
+# Why vLLM splits the graph at all. A decode step launches a few kernels per
+# layer, hundreds in all, and on a GPU their launches are what a small step
+# costs. A CUDA graph records a piece's kernels once and replays them with
+# one launch. Attention stays out (its metadata and key/value cache change
+# every step), so every compiled piece between two attention calls is
+# captured at each of cudagraph_capture_sizes, and the splitting ops run
+# eagerly between the replays.
+#
+# When. vLLM's model runner captures every size at start-up with dummy
+# batches: it owns the key/value cache and knows which slots a dummy may
+# write. A compiler does not know which splitting op writes state, so
+# vcompile captures each piece at the first real call of each capture size,
+# after a warm-up run at that size (CUDA wants lazy initialization out of
+# the capture): no made-up input ever reaches a splitting op. Graphs are not
+# saved; a warm start captures again, and prepare() captures nothing.
+#
+# Static buffers. A graph replays on the addresses it was captured with. An
+# input that is elsewhere at a replay (the caller's tensors, a splitting op's
+# fresh output) is copied into the piece's own buffer first; weights and
+# earlier graphs' outputs stay where they are and are never copied. A replay
+# writes its outputs into the same memory every time, so what the model
+# returns is copied out of it: a generate loop keeps every step's logits.
+# No padding: a size between two capture sizes runs the pieces without
+# graphs, since padding changes what a model computes unless its attention
+# knows which tokens are padding, which a runner knows and a compiler does not.
+#
+# The graph is reached through one seam, new_graph(): torch.cuda.CUDAGraph,
+# or with VCOMPILE_CUDAGRAPH_STAND_IN=1 a stand-in with the same semantics
+# for what vcompile controls, so the tests run this section on a CPU.
+# =============================================================================
+
+
+class StandInGraph:
+    """Capture runs the piece once on its static inputs and keeps its
+    outputs; replay runs it again on whatever the static inputs hold and
+    writes into those same output tensors. A missing input copy, or an output
+    handed back and overwritten by the next replay, shows as it would on CUDA."""
+
+    def capture(self, fn: Callable, inputs: list):
+        self.fn, self.inputs = fn, inputs
+        self.outputs = fn(*inputs)
+        return self.outputs
+
+    def replay(self) -> None:
+        for static, fresh in zip(tensors_in(self.outputs), tensors_in(self.fn(*self.inputs))):
+            static.copy_(fresh)
+
+
+class CudaGraph:
+    pool = None  # one memory pool for every graph in the process, as in vLLM
+
+    def capture(self, fn: Callable, inputs: list):
+        if CudaGraph.pool is None:
+            CudaGraph.pool = torch.cuda.graph_pool_handle()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=CudaGraph.pool):
+            return fn(*inputs)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+def new_graph() -> StandInGraph | CudaGraph:
+    return StandInGraph() if os.environ.get("VCOMPILE_CUDAGRAPH_STAND_IN") == "1" else CudaGraph()
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    return [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, torch.Tensor)]
+
+
+def stays_put(t: torch.Tensor, owned: set) -> bool:
+    """Weights, and what an earlier graph returned, are where they were at every call."""
+    return isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in owned
+
+
+def capture(fn: Callable, args: tuple, owned: set) -> tuple:
+    """A warm-up run, then the capture: (graph, static inputs, outputs)."""
+    global _capture_s
+    started = time.perf_counter()
+    fn(*args)
+    inputs = [a.clone() if isinstance(a, torch.Tensor) and not stays_put(a, owned) else a for a in args]
+    graph = new_graph()
+    # torch.cuda.graph collects garbage and empties the allocator's cache
+    # before each capture: seconds for every piece at every size. vLLM turns
+    # both off after the first capture; so does vcompile.
+    quiet = (patch("gc.collect", lambda *a: 0), patch("torch.cuda.empty_cache", lambda: None))
+    with contextlib.ExitStack() as stack:
+        if counters.num_cudagraph_captured:
+            for p in quiet:
+                stack.enter_context(p)
+        outputs = graph.capture(fn, inputs)
+    owned.update(t.untyped_storage().data_ptr() for t in tensors_in(outputs))
+    counters.num_cudagraph_captured += 1
+    _capture_s += time.perf_counter() - started
+    return graph, inputs, outputs
+
+
+def replay(graph, inputs: list, outputs, args: tuple):
+    for static, arg in zip(inputs, args):
+        if isinstance(arg, torch.Tensor) and arg.data_ptr() != static.data_ptr():
+            static.copy_(arg)
+    graph.replay()
+    return outputs
+
+
+def copied_out(out, owned: set):
+    """What the model returns, out of the graphs' memory: the next replay writes there."""
+    return torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda t: t.clone() if t.untyped_storage().data_ptr() in owned else t, out)
+
+
+# The capture sizes link() gives a function's pieces: those of the model whose
+# first call holds _first_call_lock (section 15), set there, since torch's
+# loader calls link() with nothing of ours.
+_capture_sizes: frozenset = frozenset()
+_warned_no_cuda = False
+
+
+@contextlib.contextmanager
+def capturing(config: CompilationConfig, device: torch.device):
+    global _capture_sizes, _warned_no_cuda
+    sizes = frozenset(config.cudagraph_capture_sizes)
+    if sizes and device.type != "cuda" and os.environ.get("VCOMPILE_CUDAGRAPH_STAND_IN") != "1":
+        if not _warned_no_cuda:  # one script serves both machines: say it once, run without graphs
+            _warned_no_cuda = True
+            logger.warning("vcompile: cudagraph_capture_sizes need CUDA; the model is on %s and runs without "
+                           "CUDA graphs", device)
+        sizes = frozenset()
+    _capture_sizes = sizes
+    try:
+        yield
+    finally:
+        _capture_sizes = frozenset()
+
+
+# =============================================================================
+# 12. Codegen with inlined submodules (vLLM PR 40151)
 #
 # The split graph is only glue: call piece 0, unpack, call attention, call
 # piece 1, ... Running it as an FX GraphModule means pickling that module with
@@ -1621,7 +1774,7 @@ def bind_execution_code(code: str, consts: list, submods: list[Callable]) -> Cal
 
 
 # =============================================================================
-# 12. Serializable compiled function: save and load (vLLM PR 40151)
+# 13. Serializable compiled function: save and load (vLLM PR 40151)
 #
 # What the backend returns, and what torch's AOT entry point saves. It holds
 # everything needed to rebuild the callable in another process: the compile
@@ -1663,8 +1816,9 @@ def link(state: dict, artifacts: dict[str, Callable], split_gm: fx.GraphModule |
     too, so a warm start executes exactly what the cold start executed."""
     entries = [Range(*e) for e in state["entries"]]
     lookup = entry_lookup(entries, state["size_guards"], state["size_table"])
+    capture_sizes, owned, captured = _capture_sizes, set(), set()  # section 11
     runners = {name: PieceRunner(name, [artifacts[d] for d in piece["artifacts"]], lookup, *piece["size_at"],
-                                 piece["returns_tuple"])
+                                 piece["returns_tuple"], capture_sizes, owned)
                for name, piece in state["pieces"].items()}
     if state["code"] is not None:
         run = bind_execution_code(state["code"], state["consts"], [runners[n] for n in state["submod_names"]])
@@ -1677,10 +1831,20 @@ def link(state: dict, artifacts: dict[str, Callable], split_gm: fx.GraphModule |
     size_arg, size_dim = state["size_at"]
 
     def checked(*args):
+        size = args[size_arg] if size_dim is None else args[size_arg].shape[size_dim]
         # Before anything runs: a splitting op (an attention writing its
         # key/value cache) may come before the first compiled piece.
-        lookup(args[size_arg] if size_dim is None else args[size_arg].shape[size_dim])
-        return run(*args)
+        lookup(size)
+        if size not in capture_sizes:
+            return run(*args)
+        if size in captured:
+            return copied_out(run(*args), owned)
+        count, started = counters.num_cudagraph_captured, _capture_s
+        out = copied_out(run(*args), owned)
+        captured.add(size)
+        logger.info("Captured %d pieces as CUDA graphs at size %d in %.2f s", counters.num_cudagraph_captured - count,
+                    size, _capture_s - started)
+        return out
 
     return checked
 
@@ -1712,7 +1876,7 @@ def load_split_graph(data: bytes) -> fx.GraphModule:
 
 
 # The AOT artifact, <rank dir>/model: torch's saved function, what the save
-# cannot carry (section 18), and the CPU vector ISA its kernels were built
+# cannot carry (section 19), and the CPU vector ISA its kernels were built
 # for, in one file checked by sha256 like every artifact.
 
 
@@ -1736,7 +1900,7 @@ def save_aot_artifact(cache: CacheDir, aot_fn, model: torch.nn.Module, installed
             "modules": {name: v.__name__ for name, v in installed.items() if inspect.ismodule(v)},
             "vec_isa": picked_vec_isa(device),
             # Which sizes this trace runs and why the others fail, read
-            # before the next trace is loaded or made (section 16).
+            # before the next trace is loaded or made (section 17).
             "size_table": state["size_table"],
             "size_guards": state["size_guards"],
             "traced": state["traced"],
@@ -1866,11 +2030,11 @@ def check_sources_unchanged(hashes: dict[str, str]) -> None:
 
 
 # =============================================================================
-# 13. The backend
+# 14. The backend
 #
 # What Dynamo calls with the graph it traced: split it (section 5), compile
-# every piece for every entry (6 to 10), write the execution code (11), and
-# return the serializable function (12). It runs once per trace: in AOT mode
+# every piece for every entry (6 to 10), write the execution code (12), and
+# return the serializable function (13). It runs once per trace: in AOT mode
 # at a cold start only, in JIT mode at every start, where the compiler
 # manager loads each piece from the cache folder instead of compiling it.
 # =============================================================================
@@ -1927,14 +2091,14 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
         state["code"], state["consts"] = generate_execution_code(split_gm, compile_names)
     else:
         state["split_graph"] = dump_split_graph(split_gm)
-    # Counted once it compiled: an unbacked attempt that failed is traced again (section 15).
+    # Counted once it compiled: an unbacked attempt that failed is traced again (section 16).
     counters.num_unbacked_traces += traced == "unbacked"
     counters.num_backed_traces += traced == "backed"
     return VcompileFunction(state, link(state, live, split_gm))
 
 
 # =============================================================================
-# 14. The first call: load, or compile and save, or trace (JIT)
+# 15. The first call: load, or compile and save, or trace (JIT)
 #
 # compile() only wraps the model. Its first call does the work, under the
 # monitor and inside the cache folder, in one of three ways:
@@ -1947,7 +2111,7 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 #     by an earlier start instead of compiling it.
 # Later calls check their inputs against what was compiled, and run. How the
 # model is traced, the traces for sizes the first one excludes, and doing it
-# all before the first call are sections 15 to 17.
+# all before the first call are sections 16 to 18.
 # =============================================================================
 
 
@@ -1963,6 +2127,11 @@ def compile(model: torch.nn.Module, config: CompilationConfig, *,
                          "instance (as accelerate's hooks set one); vcompile compiles the class's forward. "
                          "Remove it (accelerate.hooks.remove_hook_from_module) or compile a module whose "
                          "forward calls this model")
+    entries = compile_entries(config, is_encoder)
+    for size in config.cudagraph_capture_sizes:
+        if entry_of(size, entries, lambda size: True) == OUTSIDE_EVERY_ENTRY:
+            raise ValueError(f"vcompile: capture size {size} is outside every compile range: "
+                             + ", ".join(map(str, entries)))
     return CompiledModel(model, config, dynamic_arg_dims, is_encoder)
 
 
@@ -2015,7 +2184,7 @@ class CompiledModel:
         background=True the work runs on a thread and prepare returns at once;
         the first call waits for it and raises what it raised. (JIT mode
         cannot trace without running: there the example inputs run once.)"""
-        start_up(self, args, kwargs, background)  # section 17
+        start_up(self, args, kwargs, background)  # section 18
 
     def _first(self, args, kwargs, run: bool = True):
         """The first call, a prepare(), or the first run after a prepare();
@@ -2063,7 +2232,7 @@ class CompiledModel:
             # choice half made on torch 2.13 (kernels for 256-bit vectors built
             # with AVX-512 flags: wrong outputs, then a corrupted heap).
             shared_vec_isa(self.cache, self.device, self.config.compile_wait_s)
-        with inductor_cache_dir(self.cache):
+        with inductor_cache_dir(self.cache), capturing(self.config, self.device):
             if not self.config.use_aot or aot_unavailable(self.cache) is not None:
                 return self._trace(args, kwargs, dims)
             first = self._load_or_compile(args, kwargs, dims)
@@ -2088,7 +2257,7 @@ class CompiledModel:
     def _compile_and_save(self, args, kwargs, dims, trace: int = 0, at_size: int | None = None,
                           serves: list[bool] | None = None, pieces_dir: str | None = None):
         """The AOT function, traced once and saved; None when it cannot be
-        saved so that it loads back (section 18). A later trace is traced
+        saved so that it loads back (section 19). A later trace is traced
         backed at `at_size` and compiled for the sizes it `serves`. JIT
         mode's later traces pass its `pieces_dir` and save no function."""
         module_globals = set(self.model.forward.__globals__)
@@ -2182,7 +2351,7 @@ def bind_first_call(compiled: CompiledModel, args, kwargs) -> dict[str, int]:
 def traceable(compiled: CompiledModel, args, kwargs, dims, unbacked: bool, at_size: int | None = None,
               pieces_dir: str | None = None, serves: list[bool] | None = None):
     """torch.compile's wrapper of the forward, and the inputs to trace it
-    with (section 15). Dynamo's share of the time counts from here."""
+    with (section 16). Dynamo's share of the time counts from here."""
     global _compile_started_at
 
     def backend_of_this_trace(gm, example_inputs):
@@ -2249,7 +2418,7 @@ def one_trace(fn: Callable, saved: dict, loaded: bool, isa: dict | None = None) 
 
 
 # =============================================================================
-# 15. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
+# 16. How the token count is traced (vLLM PR 44256: unbacked, and the backed fallback)
 #
 # A dynamic size Dynamo may guard on ("backed") has, under
 # backed_size_oblivious, a range that holds 1. So every layout question in
@@ -2308,7 +2477,7 @@ def trace_inputs(signature: inspect.Signature, args, kwargs, dims: dict[str, int
     decisions that hold only there (a transpose of a size-1 dim is
     contiguous, so `.contiguous()` and `reshape` become views): a Hugging
     Face Llama gave NaN at 8 tokens. So a backed trace of a one-token call
-    runs at two tokens, and a later trace (section 16) at `at_size`: the
+    runs at two tokens, and a later trace (section 17) at `at_size`: the
     call's tensors repeated along the token dim and cut to that size.
     """
     # Each input stays where the call put it: the code Dynamo writes for a
@@ -2364,7 +2533,7 @@ def _tracing_patches():
 
 
 # =============================================================================
-# 16. Sizes the first trace excludes: later traces
+# 17. Sizes the first trace excludes: later traces
 #
 # Stock torch.compile traces again when a guard fails, in the middle of
 # serving; vLLM drops the guard and runs the wrong branch. vcompile traces
@@ -2474,7 +2643,7 @@ def refused(compiled: CompiledModel, size: int, traces: list[dict]) -> ValueErro
 
 
 # =============================================================================
-# 17. Compiling at start-up (prepare)
+# 18. Compiling at start-up (prepare)
 #
 # prepare() does the first call's work before it, from example inputs, and
 # runs nothing: a server's first request should not pay for the compile
@@ -2513,7 +2682,7 @@ def start_up(compiled: CompiledModel, args: tuple, kwargs: dict, background: boo
 
 
 # =============================================================================
-# 18. What a save cannot carry: models people bring
+# 19. What a save cannot carry: models people bring
 #
 # Hugging Face decoders broke the saved artifact three ways. Their forward is
 # wrapped by decorators, and pickle cannot store the original function that a
@@ -2627,7 +2796,7 @@ def aot_unavailable(cache: CacheDir | None) -> str | None:
 
 
 # =============================================================================
-# 19. The cache from the command line: list, remove, prune
+# 20. The cache from the command line: list, remove, prune
 #
 #   python -m vcompile cache [ROOT] [--json]      what each hash folder holds
 #   python -m vcompile cache ROOT --remove HASH   delete one folder
@@ -2665,7 +2834,7 @@ def cache_listing(root: str) -> list[dict]:
             "path": folder,
             "model": factors.get("model"),
             "vcompile": factors.get("vcompile_version"),  # None: written before 0.2.0
-            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 15); None: not yet, or before 0.2.0
+            "traced": factors.get("traced"),  # "unbacked" or "backed" (section 16); None: not yet, or before 0.2.0
             "backed_because": factors.get("backed_because"),  # why not unbacked, where it was tried
             "trace_sizes": factors.get("trace_sizes"),  # the sizes each trace runs, where there are several
             "passes": factors.get("passes") or [],  # graph passes (section 7): name, where it applies, uuid
