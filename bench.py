@@ -9,6 +9,7 @@
     python bench.py --generate            # decode speed: greedy tokens with a key/value cache
     python bench.py --startup             # start-up: about 1 GB of weights on disk, with and without prepare()
     python bench.py --passes              # a graph pass: opaque norms and activation decomposed, with against without
+    python bench.py --cudagraphs          # decode steps with piecewise CUDA graphs (needs CUDA)
 
 Every case runs in a fresh Python process with its own empty caches where it
 is cold, so what it measures is what a new server process pays:
@@ -847,10 +848,11 @@ def generate_model(model_name: str, layers: int, model_kwargs: dict, device: str
     return model.to(device), prompt
 
 
-def vcompile_generate(model: nn.Module, cache: str):
+def vcompile_generate(model: nn.Module, cache: str, capture_sizes: tuple = ()):
     import vcompile
 
-    cfg = vcompile.CompilationConfig(splitting_ops=KV_SPLITTING_OPS, cache_dir=cache, **GEN_CONFIG)
+    cfg = vcompile.CompilationConfig(splitting_ops=KV_SPLITTING_OPS, cache_dir=cache,
+                                     cudagraph_capture_sizes=list(capture_sizes), **GEN_CONFIG)
     return vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": 1, "position_ids": 1}), cfg
 
 
@@ -889,17 +891,26 @@ def run_generate_case(case: str, layers: int, device: str, cache: str, model_kwa
 
 def run_decode_alternated(case: str, layers: int, device: str, cache: str, model_kwargs: dict, started: float,
                           model_name: str = "decoder", iters: int = 0) -> dict:
-    """Decode step times of eager, stock torch.compile and vcompile (warm
-    from `cache`), in one process, the three calls of each step in turn:
-    medians over every position the cache has after a short prompt."""
+    """Decode step times in one process, the calls of each step in turn:
+    medians over every position the cache has after a short prompt. For
+    "alternated": eager, stock torch.compile and vcompile (warm from
+    `cache`). For "cudagraphs": eager, stock with mode="reduce-overhead" (its
+    own CUDA graphs, of whole graphs), vcompile without graphs and vcompile
+    with its pieces captured; each step's largest logit difference from
+    eager's is kept too."""
     model, _ = generate_model(model_name, layers, model_kwargs, device)
     fns = {"eager": model, "stock": torch.compile(copy.deepcopy(model), fullgraph=True),
            "vcompile": vcompile_generate(copy.deepcopy(model), cache)[0]}
+    if case == "cudagraphs":
+        fns["stock"] = torch.compile(copy.deepcopy(model), fullgraph=True, mode="reduce-overhead")
+        fns["vcompile_graphs"] = vcompile_generate(copy.deepcopy(model), os.path.join(cache, "graphs"),
+                                                   GRAPH_CAPTURE_SIZES)[0]
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
     times: dict = {name: [] for name in fns}
+    errors: dict = {name: 0.0 for name in fns}
     with torch.no_grad():
         prompt = torch.arange(ALTERNATED_PROMPT, device=device)[None]
-        for fn in fns.values():  # compiles or loads, and stock's graph for one token
+        for fn in fns.values():  # compiles or loads, stock's graph for one token, vcompile's captures
             fn(input_ids=prompt, position_ids=prompt)
             fn(input_ids=ids, position_ids=prompt[:, -1:] + 1)
         for position in range(ALTERNATED_PROMPT, GEN_CONFIG["max_num_batched_tokens"]):
@@ -907,10 +918,40 @@ def run_decode_alternated(case: str, layers: int, device: str, cache: str, model
             for name, fn in fns.items():
                 _sync(device)
                 t0 = time.perf_counter()
-                fn(input_ids=ids, position_ids=positions)
+                out = fn(input_ids=ids, position_ids=positions)
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
-    return {"steps": len(times["eager"]), **{f"{name}_step_ms": 1000 * statistics.median(t) for name, t in times.items()}}
+                out = getattr(out, "logits", out)  # a Hugging Face ModelOutput, or the logits
+                if name == "eager":
+                    expected = out
+                errors[name] = max(errors[name], (out - expected).abs().max().item())
+    import vcompile
+
+    return {"steps": len(times["eager"]), **{f"{name}_step_ms": 1000 * statistics.median(t) for name, t in times.items()},
+            **{f"{name}_max_error": e for name, e in errors.items()}, "captured": vcompile.counters.num_cudagraph_captured}
+
+
+# --- bench.py --cudagraphs: piecewise CUDA graphs ---------------------------------
+# The --generate model's decode step, with run_decode_alternated("cudagraphs"):
+# vcompile with every piece captured at the capture sizes against vcompile
+# without graphs, stock torch.compile(mode="reduce-overhead") and eager.
+# CUDA graphs need CUDA: on a machine without, the bench says so and exits 0.
+
+GRAPH_CAPTURE_SIZES = (1, 2, 4, 8)
+
+
+def cudagraphs_table(results: dict, depths: list[int]) -> str:
+    lines = [f"\n  {'layers':>6} {'eager':>9} {'stock r-o':>10} {'vcompile':>9} {'graphs':>9} {'graphs/without':>15}"
+             f"  max |diff| from eager: stock, vcompile, graphs"]
+    for layers in depths:
+        r = results[layers]["cudagraphs"]
+        lines.append(f"  {layers:>6} {r['eager_step_ms']:7.2f}ms {r['stock_step_ms']:8.2f}ms "
+                     f"{r['vcompile_step_ms']:7.2f}ms {r['vcompile_graphs_step_ms']:7.2f}ms "
+                     f"{r['vcompile_graphs_step_ms'] / r['vcompile_step_ms']:14.2f}x  {r['stock_max_error']:.1e}, "
+                     f"{r['vcompile_max_error']:.1e}, {r['vcompile_graphs_max_error']:.1e}")
+    lines.append(f"  decode step at one token, medians of {results[depths[0]]['cudagraphs']['steps']} steps "
+                 "alternated in one process; stock r-o: torch.compile(mode='reduce-overhead')")
+    return "\n".join(lines)
 
 
 def generate_summary(results: dict, depths: list[int]) -> dict:
@@ -1259,11 +1300,18 @@ def main(argv=None) -> None:
     parser.add_argument("--passes", action="store_true",
                         help=f"graph passes instead: the decoder with opaque RMSNorm and SiLU-and-mul ops, vcompile "
                              f"without and with a pass that decomposes them, steady state at {PASSES_SIZES} tokens")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help=f"CUDA graphs instead: decode steps with vcompile's pieces captured at "
+                             f"{list(GRAPH_CAPTURE_SIZES)} tokens against vcompile without, stock torch.compile "
+                             f"(reduce-overhead) and eager (needs CUDA)")
     args = parser.parse_args(argv)
-    if args.generate + args.startup + args.passes > 1:
-        parser.error("--generate, --startup and --passes are three benches; run them one at a time")
-    if args.plot and (args.generate or args.startup or args.passes):
-        parser.error("--plot draws the compile cases; it does not go with --generate, --startup or --passes")
+    if args.generate + args.startup + args.passes + args.cudagraphs > 1:
+        parser.error("--generate, --startup, --passes and --cudagraphs are four benches; run them one at a time")
+    if args.plot and (args.generate or args.startup or args.passes or args.cudagraphs):
+        parser.error("--plot draws the compile cases; it does not go with another bench")
+    if args.cudagraphs and args.device != "cuda":
+        print(f"bench --cudagraphs: CUDA graphs need CUDA, and the device is {args.device}: nothing to measure")
+        return
     if (args.startup or args.passes) and args.model != "decoder":
         parser.error("--startup and --passes run bench.Decoder only")
     if args.startup:
@@ -1293,6 +1341,9 @@ def main(argv=None) -> None:
         print(f"bench --startup: decoder {STARTUP_MODEL} on {args.device} ({device_name}), torch "
               f"{torch.__version__}, layers {depths}, weights from safetensors read from disk, first output at "
               f"{FIRST_SIZE} tokens", flush=True)
+    elif args.cudagraphs:
+        print(f"bench --cudagraphs: {args.model} on {args.device} ({device_name}), torch {torch.__version__}, "
+              f"layers {depths}, decode steps, pieces captured at {list(GRAPH_CAPTURE_SIZES)} tokens", flush=True)
     elif args.passes:
         print(f"bench --passes: decoder with opaque norms and activation on {args.device} ({device_name}), torch "
               f"{torch.__version__}, layers {depths}, steady state at {PASSES_SIZES} tokens", flush=True)
@@ -1318,6 +1369,12 @@ def main(argv=None) -> None:
             results[layers] = {}
             if args.startup:
                 sizes[layers] = write_weights(weights_file(dirs["vcompile"]), layers, model_kwargs)
+            if args.cudagraphs:
+                r = results[layers]["cudagraphs"] = spawn_once("cudagraphs", layers, args.device, dirs, model_kwargs,
+                                                               0, args.model, "run_decode_alternated")
+                print(f"  {layers:>3} layers  decode step with graphs/without: "
+                      f"{r['vcompile_graphs_step_ms'] / r['vcompile_step_ms']:.2f}x", flush=True)
+                continue
             if args.passes:
                 r = results[layers]["passes"] = spawn_once("passes", layers, args.device, dirs, model_kwargs,
                                                            PASSES_CALLS, args.model, "run_passes")
@@ -1336,9 +1393,9 @@ def main(argv=None) -> None:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
-    if args.passes:
+    if args.passes or args.cudagraphs:
         summary = {}
-        print(passes_table(results, depths))
+        print(passes_table(results, depths) if args.passes else cudagraphs_table(results, depths))
     elif args.startup:
         summary = startup_summary(results, depths)
         print(startup_table(results, depths, summary, sizes))
@@ -1354,7 +1411,8 @@ def main(argv=None) -> None:
                        "torch": torch.__version__, "python": platform.python_version(),
                        "date": datetime.date.today().isoformat(), "model": model_kwargs,
                        **({"config": GEN_CONFIG, "prompt_size": PROMPT_SIZE, "new_tokens": NEW_TOKENS}
-                          if args.generate else {"config": CONFIG, "sizes": PASSES_SIZES, "calls": PASSES_CALLS}
+                          if args.generate else {"config": GEN_CONFIG, "capture_sizes": GRAPH_CAPTURE_SIZES}
+                          if args.cudagraphs else {"config": CONFIG, "sizes": PASSES_SIZES, "calls": PASSES_CALLS}
                           if args.passes else {"config": CONFIG, "first_size": FIRST_SIZE, "weight_bytes": sizes}
                           if args.startup else {"config": CONFIG, "first_size": FIRST_SIZE,
                                                 "steady_size": STEADY_SIZE, "steady_calls": iters}),

@@ -3604,6 +3604,22 @@ def test_bench_decodes_a_nanogpt_decoder_and_times_steps_alternated(tmp_path, mo
     assert all(steps[f"{name}_step_ms"] > 0 for name in ("eager", "stock", "vcompile"))
 
 
+def test_bench_cudagraphs_says_it_needs_cuda_and_runs_its_case_through_the_stand_in(tmp_path, monkeypatch):
+    # bench.py --cudagraphs on a machine without CUDA: a line saying so, exit 0.
+    proc = subprocess.run([sys.executable, "bench.py", "--cudagraphs", "--device", "cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "CUDA graphs need CUDA, and the device is cpu: nothing to measure" in proc.stdout
+    # Its case at one layer, the graphs through the stand-in: every step's logits as eager's.
+    monkeypatch.setenv("PYTHONPATH", known_isa_path())
+    monkeypatch.setenv("VCOMPILE_CUDAGRAPH_STAND_IN", "1")
+    steps = bench.spawn_once("cudagraphs", layers=1, device="cpu", dirs=bench.case_dirs(str(tmp_path)),
+                             model_kwargs={**bench.MODEL, "hidden": 64}, iters=0, model_name="decoder",
+                             runner="run_decode_alternated")
+    assert steps["captured"] == 2  # the model's two compiled pieces, at one token (the prompt is no capture size)
+    for name in ("stock", "vcompile", "vcompile_graphs"):
+        assert steps[f"{name}_step_ms"] > 0 and steps[f"{name}_max_error"] <= 1e-4, (name, steps)
+
+
 def test_bench_passes_decomposes_the_opaque_ops_and_times_both(tmp_path, monkeypatch):
     # bench.py --passes at one layer: the decoder with opaque norms and
     # activation computes eager's outputs with the pass and without it.
