@@ -2213,6 +2213,31 @@ def test_a_warm_start_loads_and_captures_again_and_prepare_captures_nothing(devi
         assert result["same_tokens"] and result["error"] <= TOL[device], result
 
 
+@pytest.mark.parametrize("device", GRAPH_DEVICES)
+def test_threads_replaying_one_size_at_once_each_get_their_own_output(device, tmp_path, monkeypatch):
+    for name, value in STAND_IN[device].items():
+        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+    model = decoder(device)
+    fn = vcompile.compile(model, config(**SMALL_CONFIG, cudagraph_capture_sizes=[4]))
+    ids = [token_ids(4, device) + i for i in range(8)]
+    with torch.no_grad():
+        expected = [model(x) for x in ids]
+        fn(ids[0])  # captures
+        outputs = [None] * len(ids)
+
+        def call(i: int) -> None:
+            for _ in range(20):
+                outputs[i] = fn(ids[i])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(ids))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, atol=TOL[device], rtol=TOL[device])
+
+
 def test_capture_sizes_without_cuda_warn_once_and_run_without_graphs(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("VCOMPILE_CUDAGRAPH_STAND_IN", raising=False)
     monkeypatch.setattr(vcompile, "_warned_no_cuda", False)

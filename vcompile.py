@@ -1625,11 +1625,10 @@ def capture(fn: Callable, args: tuple, owned: set) -> tuple:
     # torch.cuda.graph collects garbage and empties the allocator's cache
     # before each capture: seconds for every piece at every size. vLLM turns
     # both off after the first capture; so does vcompile.
-    quiet = (patch("gc.collect", lambda *a: 0), patch("torch.cuda.empty_cache", lambda: None))
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as quiet:
         if counters.num_cudagraph_captured:
-            for p in quiet:
-                stack.enter_context(p)
+            quiet.enter_context(patch("gc.collect", lambda *a: 0))
+            quiet.enter_context(patch("torch.cuda.empty_cache", lambda: None))
         outputs = graph.capture(fn, inputs)
     owned.update(t.untyped_storage().data_ptr() for t in tensors_in(outputs))
     counters.num_cudagraph_captured += 1
@@ -1816,7 +1815,7 @@ def link(state: dict, artifacts: dict[str, Callable], split_gm: fx.GraphModule |
     too, so a warm start executes exactly what the cold start executed."""
     entries = [Range(*e) for e in state["entries"]]
     lookup = entry_lookup(entries, state["size_guards"], state["size_table"])
-    capture_sizes, owned, captured = _capture_sizes, set(), set()  # section 11
+    capture_sizes, owned, captured, one_at_a_time = _capture_sizes, set(), set(), threading.Lock()  # section 11
     runners = {name: PieceRunner(name, [artifacts[d] for d in piece["artifacts"]], lookup, *piece["size_at"],
                                  piece["returns_tuple"], capture_sizes, owned)
                for name, piece in state["pieces"].items()}
@@ -1837,14 +1836,15 @@ def link(state: dict, artifacts: dict[str, Callable], split_gm: fx.GraphModule |
         lookup(size)
         if size not in capture_sizes:
             return run(*args)
-        if size in captured:
-            return copied_out(run(*args), owned)
-        count, started = counters.num_cudagraph_captured, _capture_s
-        out = copied_out(run(*args), owned)
-        captured.add(size)
-        logger.info("Captured %d pieces as CUDA graphs at size %d in %.2f s", counters.num_cudagraph_captured - count,
-                    size, _capture_s - started)
-        return out
+        with one_at_a_time:  # a graph's static buffers serve one call at a time, whatever the thread
+            if size in captured:
+                return copied_out(run(*args), owned)
+            count, started = counters.num_cudagraph_captured, _capture_s
+            out = copied_out(run(*args), owned)
+            captured.add(size)
+            logger.info("Captured %d pieces as CUDA graphs at size %d in %.2f s",
+                        counters.num_cudagraph_captured - count, size, _capture_s - started)
+            return out
 
     return checked
 
