@@ -898,6 +898,8 @@ def run_decode_alternated(case: str, layers: int, device: str, cache: str, model
     own CUDA graphs, of whole graphs), vcompile without graphs and vcompile
     with its pieces captured; each step's largest logit difference from
     eager's is kept too."""
+    import vcompile
+
     model, _ = generate_model(model_name, layers, model_kwargs, device)
     fns = {"eager": model, "stock": torch.compile(copy.deepcopy(model), fullgraph=True),
            "vcompile": vcompile_generate(copy.deepcopy(model), cache)[0]}
@@ -925,8 +927,6 @@ def run_decode_alternated(case: str, layers: int, device: str, cache: str, model
                 if name == "eager":
                     expected = out
                 errors[name] = max(errors[name], (out - expected).abs().max().item())
-    import vcompile
-
     return {"steps": len(times["eager"]), **{f"{name}_step_ms": 1000 * statistics.median(t) for name, t in times.items()},
             **{f"{name}_max_error": e for name, e in errors.items()}, "captured": vcompile.counters.num_cudagraph_captured}
 
