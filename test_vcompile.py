@@ -2153,6 +2153,12 @@ GRAPH_CONFIG = dict(splitting_ops=bench.KV_SPLITTING_OPS, compile_sizes=[1], com
 STAND_IN = {"cpu": {"VCOMPILE_CUDAGRAPH_STAND_IN": "1"}, "cuda": {"VCOMPILE_CUDAGRAPH_STAND_IN": None}}
 
 
+def graphs_on(device: str, monkeypatch) -> None:
+    """The stand-in on a CPU, the real graphs on a GPU, for this test's process."""
+    for name, value in STAND_IN[device].items():
+        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+
+
 def graphed_decoder(device: str, root: str):
     """A key/value-cache decoder (the splitting op writes its cache) and an eager twin."""
     torch.manual_seed(0)
@@ -2173,8 +2179,7 @@ def generate_both(fn, model, twin, prompt_size: int, device: str, new_tokens: in
 @pytest.mark.core
 @pytest.mark.parametrize("device", GRAPH_DEVICES)
 def test_generation_replays_every_piece_at_the_capture_sizes_only(device, tmp_path, monkeypatch, caplog):
-    for name, value in STAND_IN[device].items():
-        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+    graphs_on(device, monkeypatch)
     caplog.set_level(logging.INFO, logger="vcompile")
     fn, model, twin = graphed_decoder(device, str(tmp_path))
     before = counter_values()
@@ -2215,8 +2220,7 @@ def test_a_warm_start_loads_and_captures_again_and_prepare_captures_nothing(devi
 
 @pytest.mark.parametrize("device", GRAPH_DEVICES)
 def test_threads_replaying_one_size_at_once_each_get_their_own_output(device, tmp_path, monkeypatch):
-    for name, value in STAND_IN[device].items():
-        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+    graphs_on(device, monkeypatch)
     model = decoder(device)
     fn = vcompile.compile(model, config(**SMALL_CONFIG, cudagraph_capture_sizes=[4]))
     ids = [token_ids(4, device) + i for i in range(8)]

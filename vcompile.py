@@ -876,10 +876,10 @@ def find_entry(size: int, entries: list[Range]) -> int:
     return index
 
 
-def outside_every_entry(size: int, entries: list[Range]) -> ValueError:
+def outside_every_entry(size: int, entries: list[Range], what: str = "size") -> ValueError:
     # Never compile lazily instead: a compile in the middle of serving is the
     # stall PR 35472 removed, and running another range's code would be wrong.
-    return ValueError(f"vcompile: size {size} is outside every compile range: " + ", ".join(map(str, entries)))
+    return ValueError(f"vcompile: {what} {size} is outside every compile range: " + ", ".join(map(str, entries)))
 
 
 def fake_args_from_graph(gm: fx.GraphModule) -> list:
@@ -1054,8 +1054,13 @@ class PassError(RuntimeError):
 _pass_uuids: dict[int, tuple[Callable, str]] = {}  # id -> (the pass, kept so that its id stays its own; uuid)
 
 
+def pass_owner(graph_pass: Callable):
+    """What names a pass and holds its source: the function, or the class of a callable object."""
+    return graph_pass if inspect.isroutine(graph_pass) else type(graph_pass)
+
+
 def pass_name(graph_pass: Callable) -> str:
-    owner = graph_pass if inspect.isroutine(graph_pass) else type(graph_pass)
+    owner = pass_owner(graph_pass)
     return getattr(owner, "__qualname__", repr(owner))
 
 
@@ -1064,7 +1069,7 @@ def pass_uuid(graph_pass: Callable) -> str:
         if hasattr(graph_pass, "uuid"):
             digest = str(graph_pass.uuid())
         else:
-            owner = graph_pass if inspect.isroutine(graph_pass) else type(graph_pass)
+            owner = pass_owner(graph_pass)
             try:
                 if isinstance(graph_pass, functools.partial):  # its source is functools', not what it does
                     raise TypeError("a functools.partial")
@@ -1602,8 +1607,12 @@ class CudaGraph:
         self.graph.replay()
 
 
+def stand_in() -> bool:
+    return os.environ.get("VCOMPILE_CUDAGRAPH_STAND_IN") == "1"
+
+
 def new_graph() -> StandInGraph | CudaGraph:
-    return StandInGraph() if os.environ.get("VCOMPILE_CUDAGRAPH_STAND_IN") == "1" else CudaGraph()
+    return StandInGraph() if stand_in() else CudaGraph()
 
 
 def tensors_in(value) -> list[torch.Tensor]:
@@ -1661,7 +1670,7 @@ _warned_no_cuda = False
 def capturing(config: CompilationConfig, device: torch.device):
     global _capture_sizes, _warned_no_cuda
     sizes = frozenset(config.cudagraph_capture_sizes)
-    if sizes and device.type != "cuda" and os.environ.get("VCOMPILE_CUDAGRAPH_STAND_IN") != "1":
+    if sizes and device.type != "cuda" and not stand_in():
         if not _warned_no_cuda:  # one script serves both machines: say it once, run without graphs
             _warned_no_cuda = True
             logger.warning("vcompile: cudagraph_capture_sizes need CUDA; the model is on %s and runs without "
@@ -2130,8 +2139,7 @@ def compile(model: torch.nn.Module, config: CompilationConfig, *,
     entries = compile_entries(config, is_encoder)
     for size in config.cudagraph_capture_sizes:
         if entry_of(size, entries, lambda size: True) == OUTSIDE_EVERY_ENTRY:
-            raise ValueError(f"vcompile: capture size {size} is outside every compile range: "
-                             + ", ".join(map(str, entries)))
+            raise outside_every_entry(size, entries, "capture size")
     return CompiledModel(model, config, dynamic_arg_dims, is_encoder)
 
 
@@ -2318,7 +2326,7 @@ class CompiledModel:
 
         later = later_traces(self, first, later_trace)
         self.fn = dispatch(self, [first, *later], dims)
-        if self.cache is not None and self.cache.writable and not warm:
+        if self.cache is not None and not warm:
             record_factors(self.cache, traced=state["traced"], backed_because=state.get("backed_because"))
         if warm:
             mark_loaded(self.cache)
@@ -2602,7 +2610,7 @@ def later_traces(compiled: CompiledModel, first: dict,
             logger.info("vcompile: %s: traced separately at %d, which runs sizes %s", why, at, sizes_in_words(ran))
     compiled.compiled_fn = compiled_fn  # the first trace's, as with one trace
     made = (traces or given_up) and not (first["loaded"] and all(t["loaded"] for t in traces))
-    if made and compiled.cache is not None and compiled.cache.writable:
+    if made and compiled.cache is not None:
         record_factors(compiled.cache, untraceable=sorted(given_up), trace_sizes=[
             sizes_in_words([size for size, index in enumerate(t["table"]) if index >= 0]) for t in [first, *traces]])
     return traces
