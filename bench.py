@@ -2,8 +2,8 @@
 # Copyright 2026 The vcompile authors
 """bench.py: warm versus cold compile, vcompile against stock torch.compile and eager.
 
-    python bench.py                       # depths 2, 8, 32 on the best device present
-    python bench.py --quick               # a first look: depths 2 and 8, fewer timed calls
+    python bench.py                       # the first look: the headline cases at 2 and 32 layers (~2 min on 2 CPU cores)
+    python bench.py --full                # every case at 2, 8 and 32 layers, three runs each (~15 min on 2 CPU cores)
     python bench.py --json out.json --plot out.png
     python bench.py --model hf-llama      # the same cases on a Hugging Face Llama (needs transformers)
     python bench.py --generate            # decode speed: greedy tokens with a key/value cache
@@ -18,8 +18,10 @@ is cold, so what it measures is what a new server process pays:
   stock cold / warm         torch.compile(fullgraph=True), token dim dynamic, with
                             an empty then a filled TORCHINDUCTOR_CACHE_DIR
   vcompile cold             vcompile.compile(...), empty cache root
-  vcompile cold, 4 at once  four such processes started together on one empty root
   vcompile warm             AOT load with codegen (the default)
+  (--full adds)
+  vcompile cold, 4 at once  four such processes started together on one empty root
+  vcompile cold/warm, size  the same with a compile size, an entry of its own
   vcompile warm no-codegen  AOT load of the pickled split graph (before vLLM PR 40151)
   vcompile warm JIT         Dynamo traces, every piece is loaded from the cache
   vcompile warm read-only   the AOT load from the same cache root, mounted read-only
@@ -272,7 +274,10 @@ def _(q, k, v, k_cache, v_cache, positions, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-KV_SPLITTING_OPS.append("vcompile_kv::attention_bhsd")
+def kv_splitting_ops(model: nn.Module) -> list[str]:
+    """The attention op a cached model calls: vcompile warns of a splitting op the traced graph never calls."""
+    bhsd = isinstance(model, StyleDecoder) and model.style != "gpt2"
+    return ["vcompile_kv::attention_bhsd"] if bhsd else KV_SPLITTING_OPS
 
 
 class GPT2Block(nn.Module):
@@ -354,6 +359,7 @@ class StyleDecoder(nn.Module):
     def __init__(self, style: str, layers: int = 2, hidden: int = 64, heads: int = 4, vocab: int = 256,
                  max_tokens: int = 256):
         super().__init__()
+        self.style = style
         self.wte, self.wpe = nn.Embedding(vocab, hidden), nn.Embedding(max_tokens, hidden)
         self.h = nn.ModuleList(STYLE_BLOCKS[style](hidden, heads, max_tokens) for _ in range(layers))
         self.ln_f, self.lm_head = nn.LayerNorm(hidden), nn.Linear(hidden, vocab, bias=False)
@@ -510,27 +516,34 @@ def hidden_states(out) -> torch.Tensor:
 # --- the bench --------------------------------------------------------------
 
 MODEL = dict(hidden=256, heads=4, ffn=512, vocab=1024)
-# vLLM-like compile entries: one specialized size, two ranges.
-CONFIG = dict(compile_sizes=[8], compile_ranges_endpoints=[64], max_num_batched_tokens=256)
+# vLLM's defaults: no compile size, one range up to the token budget. A
+# compile size is an Inductor compile of every piece more, so it is a case of
+# its own (SIZE_CASES), with the size the first output is not at.
+CONFIG = dict(max_num_batched_tokens=256)
+SIZE_CONFIG = dict(CONFIG, compile_sizes=[8])
 FIRST_SIZE, STEADY_SIZE = 64, 128
 
 # Report order. A setup case runs before the case that needs it and is
 # reported too, but is not a headline.
+HEADLINE = ["eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_warm"]
+SIZE_CASES = ["vcompile_cold_size", "vcompile_warm_size"]
 CASES = ["eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_cold_x4", "vcompile_warm", "vcompile_warm_ro",
          "vcompile_warm_parts", "vcompile_cold_nocodegen", "vcompile_warm_nocodegen", "vcompile_cold_jit",
-         "vcompile_warm_jit"]
-# The headline cases run three times (fresh processes each; once with
-# --quick), and each number is the median of the three: on a shared machine a
-# process start varies by tenths of a second, and its speed by several percent.
+         "vcompile_warm_jit", *SIZE_CASES]
+# With --full the headline cases run three times (fresh processes each), and
+# each number is the median of the three: on a shared machine a process
+# start varies by tenths of a second, and its speed by several percent.
 REPEATED = {"eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_warm", "vcompile_warm_ro",
-            "vcompile_warm_nocodegen", "vcompile_warm_jit"}
+            "vcompile_warm_nocodegen", "vcompile_warm_jit", *SIZE_CASES}
+# What --full says before it starts: measured on 2 CPU cores (torch 2.13).
+FULL_MINUTES = 15
 # A cold case empties its cache folders before each run; its last run fills them for the warm ones.
 # vcompile's cold cases empty Inductor's own folder too (on CPU it keeps the
 # vector-ISA probe's test programs), as stock cold does: each is a machine's
 # first compile. Otherwise the first of them built the programs and the next
 # found them, and one alone against four at once compared unlike starts.
 EMPTIED = {"stock_cold": ("stock",), "vcompile_cold": ("vcompile", "scratch"),
-           "vcompile_cold_x4": ("together", "scratch")}
+           "vcompile_cold_x4": ("together", "scratch"), "vcompile_cold_size": ("vcompile_size", "scratch")}
 # Replicas of one model starting together on one node, or the ranks of a
 # tensor-parallel world: vcompile cold in this many processes at once, on one
 # empty root. Its first output is the last process's, when all of them serve.
@@ -542,6 +555,7 @@ LABELS = {
     "vcompile_warm_parts": "  (warm, Inductor imported first)",
     "vcompile_cold_nocodegen": "  (setup: cold, no codegen)", "vcompile_warm_nocodegen": "vcompile warm, no codegen",
     "vcompile_cold_jit": "  (setup: cold, JIT)", "vcompile_warm_jit": "vcompile warm, JIT",
+    "vcompile_cold_size": "vcompile cold, size 8", "vcompile_warm_size": "vcompile warm, size 8",
 }
 
 
@@ -588,7 +602,8 @@ def run_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict
         fn = torch.compile(model, fullgraph=True)
     else:
         cfg = vcompile.CompilationConfig(
-            splitting_ops=HF_SPLITTING_OPS if hf else SPLITTING_OPS, cache_dir=cache, **CONFIG,
+            splitting_ops=HF_SPLITTING_OPS if hf else SPLITTING_OPS, cache_dir=cache,
+            **(SIZE_CONFIG if case in SIZE_CASES else CONFIG),
             use_codegen=not case.endswith("nocodegen"), use_aot=not case.endswith("jit"))
         fn = vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": token_dim})
         builds = []  # programs the first call starts but `g++ --version`: g++ per kernel, g++ and python per ISA probe
@@ -649,7 +664,7 @@ _CHILD = ("import time, sys; t0 = time.perf_counter(); import atexit, json, os; 
 def case_dirs(parent: str) -> dict:
     """Empty cache folders for one depth's cases, under `parent`."""
     dirs = {name: os.path.join(parent, name) for name in ("stock", "vcompile", "vcompile_nocodegen", "together",
-                                                          "scratch")}
+                                                          "vcompile_size", "scratch")}
     for path in dirs.values():
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
@@ -698,7 +713,7 @@ def spawn_once(case: str, layers: int, device: str, dirs: dict, model_kwargs: di
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), here]))}
     env.pop("TRITON_CACHE_DIR", None)
     cache = dirs["vcompile_nocodegen"] if "nocodegen" in case else dirs["vcompile"]
-    cache = dirs["together"] if case == "vcompile_cold_x4" else cache
+    cache = dirs["together"] if case == "vcompile_cold_x4" else dirs["vcompile_size"] if case in SIZE_CASES else cache
     if case.startswith("stock"):
         env["TORCHINDUCTOR_CACHE_DIR"] = dirs["stock"]
     elif case == "vcompile_warm_parts":  # Inductor's first-load work, in the folder the load will use
@@ -747,53 +762,72 @@ def read_only_by_mount() -> bool:
 
 
 def ratios(results: dict, depths: list[int]) -> dict:
-    """The numbers the targets are about; every one is computed in this run."""
+    """The numbers the targets are about; every one is computed in this run,
+    from the cases it ran (the first look runs the headline cases alone)."""
     def overhead(layers, case):  # what compiling or loading adds to the first output
         return results[layers][case]["first_output_s"] - results[layers]["eager"]["first_output_s"]
+
+    def first(layers, case):
+        return results[layers][case]["first_output_s"]
+
+    def monitor(layers, case):
+        return results[layers][case]["monitor_s"]
 
     lo, hi = min(depths), max(depths)
     out: dict = {"per_depth": {}}
     for layers in depths:
         r = results[layers]
-        out["per_depth"][layers] = {
-            "stock_warm_over_cold": r["stock_warm"]["first_output_s"] / r["stock_cold"]["first_output_s"],
-            "vcompile_warm_over_cold": r["vcompile_warm"]["first_output_s"] / r["vcompile_cold"]["first_output_s"],
-            "cold_together_over_alone": r["vcompile_cold_x4"]["first_output_s"] / r["vcompile_cold"]["first_output_s"],
-            "vcompile_warm_monitor_s": r["vcompile_warm"]["monitor_s"],
-            "vcompile_warm_load_alone_s": r["vcompile_warm_parts"]["monitor_s"],
-            "read_only_over_writable_warm_monitor": r["vcompile_warm_ro"]["monitor_s"] / r["vcompile_warm"]["monitor_s"],
+        d = out["per_depth"][layers] = {
+            "stock_warm_over_cold": first(layers, "stock_warm") / first(layers, "stock_cold"),
+            "vcompile_warm_over_cold": first(layers, "vcompile_warm") / first(layers, "vcompile_cold"),
+            "vcompile_warm_monitor_s": monitor(layers, "vcompile_warm"),
             "stock_warm_overhead_s": overhead(layers, "stock_warm"),
             "vcompile_warm_overhead_s": overhead(layers, "vcompile_warm"),
             "warm_overhead_stock_over_vcompile": overhead(layers, "stock_warm") / overhead(layers, "vcompile_warm"),
             "vcompile_cold_over_stock_cold": overhead(layers, "vcompile_cold") / overhead(layers, "stock_cold"),
             "steady_vcompile_over_stock": r["vcompile_warm"]["steady_ms"] / r["stock_warm"]["steady_ms"],
-            "nocodegen_minus_codegen_warm_monitor_s": r["vcompile_warm_nocodegen"]["monitor_s"]
-            - r["vcompile_warm"]["monitor_s"],
         }
+        if "vcompile_cold_x4" in r:  # --full
+            d.update(
+                cold_together_over_alone=first(layers, "vcompile_cold_x4") / first(layers, "vcompile_cold"),
+                vcompile_warm_load_alone_s=monitor(layers, "vcompile_warm_parts"),
+                read_only_over_writable_warm_monitor=monitor(layers, "vcompile_warm_ro") / monitor(layers, "vcompile_warm"),
+                nocodegen_minus_codegen_warm_monitor_s=monitor(layers, "vcompile_warm_nocodegen")
+                - monitor(layers, "vcompile_warm"),
+                size_minus_ranges_cold_monitor_s=monitor(layers, "vcompile_cold_size") - monitor(layers, "vcompile_cold"),
+                size_over_ranges_steady=r["vcompile_warm_size"]["steady_ms"] / r["vcompile_warm"]["steady_ms"])
     if hi != lo:
         out["stock_cold_growth"] = overhead(hi, "stock_cold") / overhead(lo, "stock_cold")
         out["vcompile_cold_growth"] = overhead(hi, "vcompile_cold") / overhead(lo, "vcompile_cold")
-        out["vcompile_cold_monitor_growth"] = (results[hi]["vcompile_cold"]["monitor_s"]
-                                               / results[lo]["vcompile_cold"]["monitor_s"])
-        out["vcompile_warm_monitor_growth"] = (results[hi]["vcompile_warm"]["monitor_s"]
-                                               / results[lo]["vcompile_warm"]["monitor_s"])
-        out["vcompile_warm_load_alone_growth"] = (results[hi]["vcompile_warm_parts"]["monitor_s"]
-                                                  / results[lo]["vcompile_warm_parts"]["monitor_s"])
+        out["vcompile_cold_monitor_growth"] = monitor(hi, "vcompile_cold") / monitor(lo, "vcompile_cold")
+        out["vcompile_warm_monitor_growth"] = monitor(hi, "vcompile_warm") / monitor(lo, "vcompile_warm")
+        if "vcompile_warm_parts" in results[lo]:
+            out["vcompile_warm_load_alone_growth"] = (monitor(hi, "vcompile_warm_parts")
+                                                      / monitor(lo, "vcompile_warm_parts"))
     return out
 
 
 def table(results: dict, depths: list[int], summary: dict) -> str:
-    lines = []
+    sizes = ", ".join(map(str, SIZE_CONFIG["compile_sizes"]))
+    lines = [f"\nconfig: every vcompile row compiles one range, [1, {CONFIG['max_num_batched_tokens']}] (vLLM's "
+             f"default, no compile size); the 'size {sizes}' rows add compile_sizes=[{sizes}]"]
     for layers in depths:
         lines.append(f"\n{layers} layers")
         lines.append(f"  {'case':28} {'first output':>12} {'import':>8} {'overhead':>9} {'monitor':>8} {'steady':>10}")
         eager = results[layers]["eager"]["first_output_s"]
-        for case in CASES:
+        for case in (case for case in CASES if case in results[layers]):
             r = results[layers][case]
             monitor = f"{r['monitor_s']:7.2f}s" if "monitor_s" in r else f"{'':8}"
             lines.append(f"  {LABELS[case]:28} {r['first_output_s']:11.2f}s {r['import_s']:7.2f}s "
                          f"{r['first_output_s'] - eager:8.2f}s {monitor} {r['steady_ms']:8.2f}ms")
         d = summary["per_depth"][layers]
+        lines.append(f"  warm/cold first output: stock {d['stock_warm_over_cold']:.2f}, vcompile "
+                     f"{d['vcompile_warm_over_cold']:.2f}; warm overhead stock/vcompile "
+                     f"{d['warm_overhead_stock_over_vcompile']:.1f}x; cold overhead vcompile/stock "
+                     f"{d['vcompile_cold_over_stock_cold']:.2f}; steady vcompile/stock "
+                     f"{d['steady_vcompile_over_stock']:.3f}")
+        if "cold_together_over_alone" not in d:
+            continue
         warm, parts = results[layers]["vcompile_warm"], results[layers]["vcompile_warm_parts"]
         lines.append(f"  where vcompile's warm start goes: import {warm['import_s']:.2f}s (torch, and torch._dynamo "
                      f"for the AOT loader), then the monitor's {warm['monitor_s']:.2f}s = Inductor's first-load "
@@ -801,13 +835,10 @@ def table(results: dict, depths: list[int], summary: dict) -> str:
                      f"{parts['isa_probe_s']:.2f}s where it runs; the warm start built {warm['builds']} programs) + vcompile's "
                      f"load and first run {parts['monitor_s']:.2f}s "
                      f"({warm['counters']['num_compiled_artifacts_loaded']} unique artifacts)")
-        lines.append(f"  warm/cold first output: stock {d['stock_warm_over_cold']:.2f}, vcompile "
-                     f"{d['vcompile_warm_over_cold']:.2f}; warm overhead stock/vcompile "
-                     f"{d['warm_overhead_stock_over_vcompile']:.1f}x; cold vcompile/stock "
-                     f"{d['vcompile_cold_over_stock_cold']:.2f}; steady vcompile/stock "
-                     f"{d['steady_vcompile_over_stock']:.3f}; read-only/writable warm start "
-                     f"{d['read_only_over_writable_warm_monitor']:.2f}x; no-codegen warm costs "
-                     f"{d['nocodegen_minus_codegen_warm_monitor_s'] * 1000:+.0f} ms")
+        lines.append(f"  read-only/writable warm start {d['read_only_over_writable_warm_monitor']:.2f}x; no-codegen "
+                     f"warm costs {d['nocodegen_minus_codegen_warm_monitor_s'] * 1000:+.0f} ms; compile size {sizes} "
+                     f"costs {d['size_minus_ranges_cold_monitor_s']:+.2f} s cold, steady with/without "
+                     f"{d['size_over_ranges_steady']:.3f} (at {STEADY_SIZE} tokens, not the size)")
         together, alone = results[layers]["vcompile_cold_x4"], results[layers]["vcompile_cold"]
         lines.append(f"  {TOGETHER} cold starts at once on one root / one alone: {d['cold_together_over_alone']:.2f}x; "
                      f"Inductor compiles, all {TOGETHER} together {together['counters']['num_inductor_compiles']}, "
@@ -817,9 +848,19 @@ def table(results: dict, depths: list[int], summary: dict) -> str:
         lines.append(f"\ncold growth {min(depths)} -> {max(depths)} layers (overhead): stock "
                      f"{summary['stock_cold_growth']:.2f}x, vcompile {summary['vcompile_cold_growth']:.2f}x "
                      f"(monitor {summary['vcompile_cold_monitor_growth']:.2f}x); vcompile warm monitor "
-                     f"{summary['vcompile_warm_monitor_growth']:.2f}x, its own load "
-                     f"{summary['vcompile_warm_load_alone_growth']:.2f}x")
+                     f"{summary['vcompile_warm_monitor_growth']:.2f}x")
+    lines.append("\n" + headline(results, depths, summary))
     return "\n".join(lines)
+
+
+def headline(results: dict, depths: list[int], summary: dict) -> str:
+    """The two numbers a first look is for, at the deepest model run."""
+    layers = max(depths)
+    d = summary["per_depth"][layers]
+    return (f"at {layers} layers: vcompile warm adds {d['vcompile_warm_overhead_s']:.2f} s to eager's first output, "
+            f"stock torch.compile warm {d['stock_warm_overhead_s']:.2f} s ({d['warm_overhead_stock_over_vcompile']:.1f}x); "
+            f"cold, vcompile adds {d['vcompile_cold_over_stock_cold']:.2f}x what stock adds; steady state "
+            f"vcompile/stock {d['steady_vcompile_over_stock']:.2f}")
 
 
 # --- bench.py --generate: decode speed ------------------------------------------
@@ -851,7 +892,7 @@ def generate_model(model_name: str, layers: int, model_kwargs: dict, device: str
 def vcompile_generate(model: nn.Module, cache: str, capture_sizes: tuple = ()):
     import vcompile
 
-    cfg = vcompile.CompilationConfig(splitting_ops=KV_SPLITTING_OPS, cache_dir=cache,
+    cfg = vcompile.CompilationConfig(splitting_ops=kv_splitting_ops(model), cache_dir=cache,
                                      cudagraph_capture_sizes=list(capture_sizes), **GEN_CONFIG)
     return vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": 1, "position_ids": 1}), cfg
 
@@ -1261,7 +1302,7 @@ def plot(results: dict, depths: list[int], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [c for c in CASES if not LABELS[c].startswith(" ")]  # headline cases only
+    cases = [c for c in CASES if not LABELS[c].startswith(" ") and c in results[depths[0]]]  # no setup cases
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(cases)
     for i, case in enumerate(cases):
@@ -1281,8 +1322,10 @@ def plot(results: dict, depths: list[int], path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, nargs="+", help="depths to run (default 2 8 32; --quick: 2 8)")
-    parser.add_argument("--quick", action="store_true", help="a reduced sweep for a first look")
+    parser.add_argument("--layers", type=int, nargs="+", help="depths to run (default 2 32; --full: 2 8 32)")
+    parser.add_argument("--full", action="store_true",
+                        help=f"every case, three runs of each headline case (about {FULL_MINUTES} min on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="each case once, 5 timed calls (a smoke run of --full)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--hidden", type=int, default=MODEL["hidden"], help="model width (default %(default)s)")
     parser.add_argument("--model", default="decoder", choices=["decoder", *(f"hf-{n}" for n in HF_MODELS)],
@@ -1329,13 +1372,17 @@ def main(argv=None) -> None:
             import transformers  # noqa: F401
         except ImportError:
             parser.error(f"--model {args.model} needs transformers, which is not installed (pip install transformers)")
-    depths = args.layers or ([4] if args.startup else [2, 8] if args.quick else [2, 8, 32])
+    benches = args.generate or args.startup or args.passes or args.cudagraphs
+    if args.full and benches:
+        parser.error("--full is the compile sweep; the other benches have no reduced form")
+    depths = args.layers or ([4] if args.startup else [2, 8, 32] if args.full or benches else [2, 32])
     iters = 5 if args.quick else 30
+    repeats = 3 if (args.full or args.generate) and not args.quick else 1
     model_kwargs = STARTUP_MODEL if args.startup else {**MODEL, "hidden": args.hidden}
     import vcompile
 
     device_name = vcompile.device_description(torch.device(args.device))
-    cases, runner = (GEN_CASES, "run_generate_case") if args.generate else (CASES, "run_case")
+    cases, runner = (GEN_CASES, "run_generate_case") if args.generate else (CASES if args.full else HEADLINE, "run_case")
     if args.startup:
         cases, runner = STARTUP_CASES, "run_startup_case"
         print(f"bench --startup: decoder {STARTUP_MODEL} on {args.device} ({device_name}), torch "
@@ -1353,6 +1400,10 @@ def main(argv=None) -> None:
     else:
         print(f"bench: {args.model} on {args.device} ({device_name}), torch {torch.__version__}, layers {depths}, "
               f"first output at {FIRST_SIZE} tokens, steady state at {STEADY_SIZE} tokens x {iters} calls", flush=True)
+        print(f"  every case in a fresh process, {repeats} run{'s' * (repeats > 1)} each; " + (
+            f"expect about {FULL_MINUTES} min on 2 CPU cores" if args.full and not args.quick else
+            "the headline cases (python bench.py --full for every case, 3 runs each)" if not args.full else
+            "each case once"), flush=True)
 
     base = args.keep or tempfile.mkdtemp(prefix="vcompile-bench-")
     results: dict = {}
@@ -1382,7 +1433,7 @@ def main(argv=None) -> None:
                     f"{r[f'vcompile_pass_ms_{s}'] / r[f'vcompile_ms_{s}']:.2f}x" for s in PASSES_SIZES), flush=True)
                 continue
             for case in cases:
-                r = spawn(case, layers, args.device, dirs, model_kwargs, iters, repeats=1 if args.quick else 3,
+                r = spawn(case, layers, args.device, dirs, model_kwargs, iters, repeats=repeats,
                           model_name=args.model, runner=runner)
                 results[layers][case] = r
                 print(f"  {layers:>3} layers  {progress_line(case, r)}", flush=True)
@@ -1414,7 +1465,7 @@ def main(argv=None) -> None:
                           if args.generate else {"config": GEN_CONFIG, "capture_sizes": GRAPH_CAPTURE_SIZES}
                           if args.cudagraphs else {"config": CONFIG, "sizes": PASSES_SIZES, "calls": PASSES_CALLS}
                           if args.passes else {"config": CONFIG, "first_size": FIRST_SIZE, "weight_bytes": sizes}
-                          if args.startup else {"config": CONFIG, "first_size": FIRST_SIZE,
+                          if args.startup else {"config": CONFIG, "size_config": SIZE_CONFIG, "first_size": FIRST_SIZE,
                                                 "steady_size": STEADY_SIZE, "steady_calls": iters}),
                        "results": results, "ratios": summary}, f, indent=1)
         print(f"wrote {args.json}")

@@ -1392,6 +1392,26 @@ def test_piece_counters_for_the_decoder(device, layers):
         vcompile.compile(decoder(device, layers), config(max_num_batched_tokens=16))(token_ids(9, device))
 
 
+@pytest.mark.core
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_splitting_op_the_graph_never_calls_is_named_at_the_first_call(device, caplog):
+    caplog.set_level(logging.WARNING, logger="vcompile")
+    model = decoder(device, 1)
+    typo = "vcompile_bench::atention"
+    said = {}
+    for ops in ([bench.SPLITTING_OPS[0], typo], ["my::attention"]):
+        caplog.clear()
+        with counters.expect(num_piecewise_graphs_seen=3 if len(ops) == 2 else 1):
+            errors = max_error(vcompile.compile(model, config(splitting_ops=ops, max_num_batched_tokens=16)),
+                               model, [9, 1, 16], device)
+        assert max(errors.values()) <= TOL[device]
+        said[len(ops)] = messages(caplog)
+    assert said[2] == [f"vcompile: splitting op {typo} is never called in the traced graph; the graph splits at "
+                       f"{bench.SPLITTING_OPS[0]} alone"]
+    assert said[1] == ["vcompile: splitting op my::attention is never called in the traced graph; no splitting op "
+                       "is called, so the graph compiles as one piece"]
+
+
 # =============================================================================
 # 6. Compile entries, size guards and concrete arguments (vLLM PR 35472)
 # =============================================================================
@@ -1780,6 +1800,49 @@ def test_a_pattern_matcher_pass_puts_one_op_in_place_of_two(device, tmp_path):
             torch.testing.assert_close(fn(x), model(x), atol=TOL[device], rtol=TOL[device])
             assert _fused_silu_calls[0] == 3, size  # the compiled code calls the fused op, once per layer
     assert fuse.matched >= 3
+
+
+class CosUpTo:
+    """SinToCos up to `limit` tokens, saying so: its limit closes a compile range."""
+
+    def __init__(self, limit, endpoints=True):
+        self.limit, self.calls = limit, 0
+        if endpoints:
+            self.range_endpoints = lambda: [limit]
+
+    def __call__(self, graph):
+        self.calls += 1
+        for node in graph.nodes:
+            if node.target is torch.ops.aten.sin.default:
+                node.target = torch.ops.aten.cos.default
+
+    def applies_to(self, entry):
+        return entry.end <= self.limit
+
+
+@pytest.mark.core
+def test_a_pass_that_says_where_it_applies_gets_a_range_and_one_that_applies_nowhere_is_named(caplog):
+    caplog.set_level(logging.WARNING, logger="vcompile")
+    torch.manual_seed(0)
+    model, with_cos = Trig(), Trig(fn=torch.cos)
+    with_cos.load_state_dict(model.state_dict())
+    silent, said = CosUpTo(12, endpoints=False), CosUpTo(12)
+    assert config(passes=[said], max_num_batched_tokens=32).compile_ranges() == [Range(1, 12), Range(13, 32)]
+    with pytest.raises(ValueError, match=r"range_endpoints\(\) must be positive ints, got \[0\]"):
+        config(passes=[CosUpTo(0)])
+
+    fn = vcompile.compile(model, config(passes=[silent], max_num_batched_tokens=32))
+    assert messages(caplog) == ["vcompile: graph pass CosUpTo applies to none of the compile entries [1, 32] and "
+                                "will never run; give it range_endpoints(), the token counts where it starts or "
+                                "stops applying, or add them to compile_ranges_endpoints"]
+    caplog.clear()
+    fn = vcompile.compile(model, config(passes=[said], max_num_batched_tokens=32))
+    assert not messages(caplog)
+    with torch.no_grad():
+        for size in (1, 12, 13, 32):
+            x = torch.randn(size, 16)
+            torch.testing.assert_close(fn(x), (with_cos if size <= 12 else model)(x), atol=1e-4, rtol=1e-4)
+    assert said.calls > 0
 
 
 # =============================================================================
@@ -2262,6 +2325,17 @@ def test_a_capture_size_no_entry_serves_is_refused_at_compile():
                                                                             "cudagraph_capture_sizes": [8, 100]}))
     with pytest.raises(ValueError, match="cudagraph_capture_sizes must hold positive ints"):
         CompilationConfig(cudagraph_capture_sizes=[0])
+
+
+def test_compile_sizes_above_the_token_budget_are_refused_and_endpoints_above_it_named(caplog):
+    caplog.set_level(logging.WARNING, logger="vcompile")
+    with pytest.raises(ValueError, match=re.escape("compile_sizes [100] are above max_num_batched_tokens 64")):
+        vcompile.compile(decoder("cpu", 1), config(compile_sizes=[4, 100], max_num_batched_tokens=64))
+    vcompile.compile(decoder("cpu", 1), config(compile_sizes=[100], max_num_batched_tokens=64), is_encoder=True)
+    assert not messages(caplog)  # an encoder's last range has no end
+    vcompile.compile(decoder("cpu", 1), config(compile_ranges_endpoints=[8, 100], max_num_batched_tokens=64))
+    assert messages(caplog) == ["vcompile: compile_ranges_endpoints [100] are above max_num_batched_tokens 64 and "
+                                "end no range"]
 
 
 
@@ -3517,7 +3591,7 @@ def child_generate(root: str, device: str, names=("decoder", "llama"), first_pro
     for name in names:
         model = cached_model(name, device)
         dim = 0 if name in UNBATCHED else 1
-        fn = vcompile.compile(model, CompilationConfig(splitting_ops=bench.KV_SPLITTING_OPS, cache_dir=root,
+        fn = vcompile.compile(model, CompilationConfig(splitting_ops=bench.kv_splitting_ops(model), cache_dir=root,
                                                        **GENERATE_CONFIG),
                               dynamic_arg_dims={"input_ids": dim, "position_ids": dim})
         after_each_call = []
@@ -3691,9 +3765,27 @@ def test_bench_hf_model_without_transformers_says_so():
     assert "--model hf-llama needs transformers, which is not installed (pip install transformers)" in proc.stderr
 
 
-def test_bench_quick_run_reports_every_case(tmp_path):
+def test_bench_by_default_runs_the_headline_cases_and_says_what_full_adds(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--layers", "1", "--hidden", "32", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "bench.py", "--layers", "1", "--hidden", "32", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": known_isa_path()})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert list(report["results"]["1"]) == bench.HEADLINE
+    assert report["results"]["1"]["vcompile_warm"]["counters"]["num_inductor_compiles"] == 0
+    assert report["config"] == {"max_num_batched_tokens": 256}  # vLLM's default: one range, no compile size
+    lines = proc.stdout.splitlines()
+    assert "python bench.py --full for every case" in lines[1]
+    assert sum(" layers  " in line for line in lines) == len(bench.HEADLINE)  # a progress line per case
+    assert "config: every vcompile row compiles one range, [1, 256]" in proc.stdout
+    assert lines[-2].startswith("at 1 layers: vcompile warm adds ")
+
+
+def test_bench_full_reports_every_case(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--full", "--quick", "--layers", "1", "--hidden", "32",
+                           "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": known_isa_path()})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -3708,6 +3800,9 @@ def test_bench_quick_run_reports_every_case(tmp_path):
     assert results["vcompile_warm"]["counters"]["num_inductor_compiles"] == 0
     assert results["vcompile_warm_nocodegen"]["counters"]["num_fx_graph_deserializations"] == 1
     assert results["vcompile_warm_jit"]["counters"]["num_inductor_compiles"] == 0
+    # The compile size is an entry more: every unique piece compiled once more.
+    sized, ranges = results["vcompile_cold_size"]["counters"], results["vcompile_cold"]["counters"]
+    assert sized["num_inductor_compiles"] == 2 * ranges["num_inductor_compiles"]
     # Four cold starts at once on one root compile, between them, what one alone compiles.
     together, alone = results["vcompile_cold_x4"]["counters"], results["vcompile_cold"]["counters"]
     assert together["num_inductor_compiles"] == alone["num_inductor_compiles"] > 0

@@ -154,7 +154,8 @@ class CompilationConfig:
     use_aot: bool = True
     use_codegen: bool = True
     # Graph passes (section 7): each pass_(graph: torch.fx.Graph) -> None edits
-    # a piece's post-grad graph in place; optional applies_to(Range) -> bool
+    # a piece's post-grad graph in place; optional applies_to(Range) -> bool,
+    # range_endpoints() -> list[int] (where applies_to changes its answer)
     # and uuid() -> str.
     passes: list = dataclasses.field(default_factory=list)
     # Token counts at which every compiled piece runs as a CUDA graph (section 11).
@@ -183,16 +184,24 @@ class CompilationConfig:
             if not callable(graph_pass):
                 raise TypeError(f"vcompile: graph pass {graph_pass!r} is not callable")
             pass_uuid(graph_pass)  # a pass whose source cannot be read fails here, not at the first call
+        bad = [v for v in pass_endpoints(self.passes) if not _is_int(v) or v < 1]
+        if bad:
+            raise ValueError(f"vcompile: a graph pass's range_endpoints() must be positive ints, got {bad}")
 
     def compile_ranges(self) -> list[Range]:
         """The ranges every piece is compiled for, with symbolic shapes.
 
         Endpoints are sorted and deduplicated, only 1 < e < max survive, and
         max_num_batched_tokens always closes the last range: [8, 32] with max
-        256 gives [1, 8], [9, 32], [33, 256].
+        256 gives [1, 8], [9, 32], [33, 256]. A graph pass's range_endpoints()
+        are endpoints too, as vLLM adds its fusions' token limits: a pass
+        that applies up to 256 tokens gets a range that ends there, where
+        otherwise [1, 8192] would hold sizes on both sides and the pass
+        would apply nowhere.
         """
         top = self.max_num_batched_tokens
-        ends = sorted({e for e in self.compile_ranges_endpoints if 1 < e < top}) + [top]
+        ends = sorted({e for e in [*self.compile_ranges_endpoints, *pass_endpoints(self.passes)] if 1 < e < top})
+        ends.append(top)
         return [Range(start + 1, end) for start, end in zip([0] + ends, ends)]
 
 
@@ -825,6 +834,17 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
     return split_gm, pieces
 
 
+def warn_uncalled_splitting_ops(gm: fx.GraphModule, splitting_ops: list[str]) -> None:
+    """A name the graph never calls (a typo, another model's namespace, an op
+    Dynamo decomposed) splits nothing, and the model compiled whole or with
+    attention inside a piece, in silence."""
+    called = [op for op in splitting_ops if any(is_splitting_op(node, [op]) for node in gm.graph.nodes)]
+    for op in sorted(set(splitting_ops) - set(called)):
+        logger.warning("vcompile: splitting op %s is never called in the traced graph; %s", op,
+                       f"the graph splits at {', '.join(called)} alone" if called
+                       else "no splitting op is called, so the graph compiles as one piece")
+
+
 # =============================================================================
 # 6. Compile entries, size guards and concrete arguments (vLLM PR 35472)
 #
@@ -1084,6 +1104,10 @@ def pass_uuid(graph_pass: Callable) -> str:
 
 def applies(graph_pass: Callable, entry: Range) -> bool:
     return graph_pass.applies_to(entry) if hasattr(graph_pass, "applies_to") else True
+
+
+def pass_endpoints(passes: list[Callable]) -> list[int]:
+    return [e for graph_pass in passes if hasattr(graph_pass, "range_endpoints") for e in graph_pass.range_endpoints()]
 
 
 def pass_identities(passes: list[Callable], entries: list[Range]) -> list[str]:
@@ -2063,6 +2087,8 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
     guards = size_guards(fakes)  # Dynamo's alone: before any compile adds others
     traced = "unbacked" if any(symbol_is_type(s, SymT.UNBACKED_INT) for s in size_symbols(fakes)) else "backed"
     split_gm, pieces = split_graph(gm, config.splitting_ops)
+    if serves is None:  # the first trace; later ones call the same ops
+        warn_uncalled_splitting_ops(gm, config.splitting_ops)
     counters.num_piecewise_graphs_seen += len(pieces)
     compile_names = [name for name, is_splitting in pieces if not is_splitting]
     entries = compile_entries(config, is_encoder)
@@ -2136,11 +2162,32 @@ def compile(model: torch.nn.Module, config: CompilationConfig, *,
                          "instance (as accelerate's hooks set one); vcompile compiles the class's forward. "
                          "Remove it (accelerate.hooks.remove_hook_from_module) or compile a module whose "
                          "forward calls this model")
-    entries = compile_entries(config, is_encoder)
+    check_config(config, is_encoder)
+    return CompiledModel(model, config, dynamic_arg_dims, is_encoder)
+
+
+def check_config(config: CompilationConfig, is_encoder: bool) -> None:
+    """Settings that would do nothing, said before anything compiles: each
+    looked like it worked, and only a slow model or `python -m vcompile cache`
+    told otherwise."""
+    entries, top = compile_entries(config, is_encoder), config.max_num_batched_tokens
     for size in config.cudagraph_capture_sizes:
         if entry_of(size, entries, lambda size: True) == OUTSIDE_EVERY_ENTRY:
             raise outside_every_entry(size, entries, "capture size")
-    return CompiledModel(model, config, dynamic_arg_dims, is_encoder)
+    beyond = sorted(size for size in set(config.compile_sizes) if size > top)
+    if beyond and not is_encoder:  # an encoder's last range has no end
+        raise ValueError(f"vcompile: compile_sizes {beyond} are above max_num_batched_tokens {top}, the most "
+                         "tokens a call may have; raise max_num_batched_tokens or drop them")
+    beyond = sorted(e for e in set(config.compile_ranges_endpoints) if e > top)
+    if beyond:
+        logger.warning("vcompile: compile_ranges_endpoints %s are above max_num_batched_tokens %d and end no "
+                       "range", beyond, top)
+    for graph_pass in config.passes:
+        if not any(applies(graph_pass, entry) for entry in entries):
+            logger.warning("vcompile: graph pass %s applies to none of the compile entries %s and will never "
+                           "run; give it range_endpoints(), the token counts where it starts or stops applying, "
+                           "or add them to compile_ranges_endpoints", pass_name(graph_pass),
+                           ", ".join(map(str, entries)))
 
 
 _CONSTANT_TYPES = (bool, int, float, str, type(None))  # arguments Dynamo bakes into the graph, checked per call
