@@ -3,7 +3,7 @@
 """bench.py: warm versus cold compile, vcompile against stock torch.compile and eager.
 
     python bench.py                       # the first look: the headline cases at 2 and 32 layers (~2 min on 2 CPU cores)
-    python bench.py --full                # every case at 2, 8 and 32 layers, three runs each (~15 min on 2 CPU cores)
+    python bench.py --full                # every case at 2, 8 and 32 layers, three runs each (~17 min on 2 CPU cores)
     python bench.py --json out.json --plot out.png
     python bench.py --model hf-llama      # the same cases on a Hugging Face Llama (needs transformers)
     python bench.py --generate            # decode speed: greedy tokens with a key/value cache
@@ -536,7 +536,7 @@ CASES = ["eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_cold_x4
 REPEATED = {"eager", "stock_cold", "stock_warm", "vcompile_cold", "vcompile_warm", "vcompile_warm_ro",
             "vcompile_warm_nocodegen", "vcompile_warm_jit", *SIZE_CASES}
 # What --full says before it starts: measured on 2 CPU cores (torch 2.13).
-FULL_MINUTES = 15
+FULL_MINUTES = 17
 # A cold case empties its cache folders before each run; its last run fills them for the warm ones.
 # vcompile's cold cases empty Inductor's own folder too (on CPU it keeps the
 # vector-ISA probe's test programs), as stock cold does: each is a machine's

@@ -3876,7 +3876,7 @@ def vendored_project(tmp_path) -> tuple[str, dict]:
 
 
 def test_the_file_carries_its_license_and_version():
-    for name in ("vcompile.py", "bench.py", "test_vcompile.py"):
+    for name in ("vcompile.py", "bench.py", "test_vcompile.py", "conftest.py"):
         with open(os.path.join(REPO, name)) as f:
             assert f.readline() == "# SPDX-License-Identifier: Apache-2.0\n" and f.readline().startswith("# Copyright")
     with open(os.path.join(REPO, "LICENSE")) as f:
@@ -3885,6 +3885,18 @@ def test_the_file_carries_its_license_and_version():
 
     assert re.fullmatch(r"\d+\.\d+\.\d+", vcompile.__version__)
     assert importlib.metadata.version("vcompile") == vcompile.__version__  # pyproject reads it from the file
+
+
+def test_an_installed_vcompile_and_bench_import_without_a_word(tmp_path):
+    # pip install -e . puts both on the path (README's examples import bench),
+    # with numpy, without which every `import torch` warns.
+    proc = subprocess.run([sys.executable, "-c", "import bench, vcompile; print(bench.__file__)"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0 and "NumPy" not in proc.stderr and "vcompile" not in proc.stderr, proc.stderr
+    if torch.version.cuda is None:  # the CPU build README installs; CUDA wheels may speak of a missing driver
+        assert proc.stderr == ""
+    assert os.path.dirname(proc.stdout.strip()) == REPO
 
 
 @pytest.mark.parametrize("device", DEVICES)

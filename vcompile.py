@@ -40,7 +40,7 @@ from __future__ import annotations
 
 # Copied into another project, the file says which vcompile it is; pyproject
 # reads its version from here.
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 import argparse
 import atexit
@@ -1049,7 +1049,9 @@ def concrete_args(gm: fx.GraphModule, size: int) -> list:
 # ATen, after AOTAutograd and Inductor's own passes), at every compile of
 # the piece. One pass manager per compile runs, in order, the passes that
 # apply to the entry it compiles (PR 24252: a fusion may pay off at some
-# token counts only).
+# token counts only). A range holds sizes on both sides of such a limit, so
+# a pass's range_endpoints() end compile ranges (section 1), as vLLM adds
+# its fusions' limits to its own.
 #
 # Identity (PR 10273): code compiled with one set of passes must never be
 # loaded by a start with another. The manager's uuid(), the applicable
