@@ -2327,17 +2327,6 @@ def test_a_capture_size_no_entry_serves_is_refused_at_compile():
         CompilationConfig(cudagraph_capture_sizes=[0])
 
 
-def test_compile_sizes_above_the_token_budget_are_refused_and_endpoints_above_it_named(caplog):
-    caplog.set_level(logging.WARNING, logger="vcompile")
-    with pytest.raises(ValueError, match=re.escape("compile_sizes [100] are above max_num_batched_tokens 64")):
-        vcompile.compile(decoder("cpu", 1), config(compile_sizes=[4, 100], max_num_batched_tokens=64))
-    vcompile.compile(decoder("cpu", 1), config(compile_sizes=[100], max_num_batched_tokens=64), is_encoder=True)
-    assert not messages(caplog)  # an encoder's last range has no end
-    vcompile.compile(decoder("cpu", 1), config(compile_ranges_endpoints=[8, 100], max_num_batched_tokens=64))
-    assert messages(caplog) == ["vcompile: compile_ranges_endpoints [100] are above max_num_batched_tokens 64 and "
-                                "end no range"]
-
-
 
 # =============================================================================
 # 12. Codegen with inlined submodules (vLLM PR 40151)
@@ -2640,6 +2629,17 @@ def test_the_backend_compiles_every_piece_and_returns_a_saveable_function(device
 # =============================================================================
 # 15. The first call: load, or compile and save, or trace (JIT)
 # =============================================================================
+
+
+def test_compile_sizes_above_the_token_budget_are_refused_and_endpoints_above_it_named(caplog):
+    caplog.set_level(logging.WARNING, logger="vcompile")
+    with pytest.raises(ValueError, match=re.escape("compile_sizes [100] are above max_num_batched_tokens 64")):
+        vcompile.compile(decoder("cpu", 1), config(compile_sizes=[4, 100], max_num_batched_tokens=64))
+    vcompile.compile(decoder("cpu", 1), config(compile_sizes=[100], max_num_batched_tokens=64), is_encoder=True)
+    assert not messages(caplog)  # an encoder's last range has no end
+    vcompile.compile(decoder("cpu", 1), config(compile_ranges_endpoints=[8, 100], max_num_batched_tokens=64))
+    assert messages(caplog) == ["vcompile: compile_ranges_endpoints [100] are above max_num_batched_tokens 64 and "
+                                "end no range"]
 
 
 @pytest.mark.parametrize("device", DEVICES)

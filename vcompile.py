@@ -835,8 +835,9 @@ def split_graph(gm: fx.GraphModule, splitting_ops: list[str]) -> tuple[fx.GraphM
 
 
 def warn_uncalled_splitting_ops(gm: fx.GraphModule, splitting_ops: list[str]) -> None:
-    """A name the graph never calls (a typo, another model's namespace, an op
-    Dynamo decomposed) splits nothing, and the model compiled whole or with
+    """A name the graph never calls (a typo, another model's namespace, an
+    ATen op the model reaches through a torch function, which Dynamo records
+    as that function) splits nothing, and the model compiled whole or with
     attention inside a piece, in silence."""
     called = [op for op in splitting_ops if any(is_splitting_op(node, [op]) for node in gm.graph.nodes)]
     for op in sorted(set(splitting_ops) - set(called)):
