@@ -513,6 +513,138 @@ def hidden_states(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
 
+# --- transformers' generate() through vcompile ----------------------------------
+# generate() calls the model once over the prompt, then once per new token,
+# handing it a DynamicCache to fill. The recipe keeps that cache's job where
+# vLLM keeps it, outside the compiled graph: the keys and values live in the
+# attention op, the splitting op (each layer's buffers, a row per sequence);
+# the positions are the caller's, counted from the DynamicCache's length, which
+# the step keeps in step with one number per position. The batch is flattened into
+# the token dimension, vLLM's one dynamic dimension, so a batch of two and a
+# batch of one run the same compiled code: rows of equal length only.
+
+
+@torch.library.custom_op("vcompile_hf::cached_attention", mutates_args=("k_cache", "v_cache"))
+def hf_cached_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (1, heads, tokens, head_dim), k and v (1, kv_heads, tokens, head_dim):
+    rows of equal length, one after another, each at positions[:length].
+    Caches (max_rows, kv_heads, max_tokens, head_dim). Writes each row's k and
+    v into its cache row, attends each query to its row's positions up to its
+    own. Returns (1, tokens, heads, head_dim)."""
+    start, end = int(positions[0]), int(positions[-1]) + 1
+    rows, length = q.shape[2] // (end - start), end - start
+    q, k, v = (t[0].unflatten(1, (rows, length)).transpose(0, 1) for t in (q, k, v))  # (rows, heads, length, dim)
+    k_cache[:rows, :, start:end] = k
+    v_cache[:rows, :, start:end] = v
+    mask = torch.arange(end, device=q.device) <= positions[:length, None]
+    out = F.scaled_dot_product_attention(q, k_cache[:rows, :, :end], v_cache[:rows, :, :end], attn_mask=mask,
+                                         scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).flatten(0, 1)[None]
+
+
+@hf_cached_attention_op.register_fake
+def _(q, k, v, k_cache, v_cache, positions, scale):
+    batch, heads, tokens, head_dim = q.shape
+    return q.new_empty(batch, tokens, heads, head_dim)
+
+
+def hf_cached_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
+                        **kwargs):
+    """AttentionInterface's signature: the layer's own cache rows."""
+    return torch.ops.vcompile_hf.cached_attention(query, key, value, module.k_cache, module.v_cache,
+                                                  position_ids[0], scaling), None
+
+
+HF_GENERATE_SPLITTING_OPS = ["vcompile_hf::cached_attention"]
+# What compiled generation is sized for: the most sequences at once, and
+# positions per sequence. A prefill of every row is one call.
+GENERATE_ROWS, GENERATE_POSITIONS = 2, 128
+
+
+def hf_generation_pair(name: str = "llama", layers: int = 2, cache_dir: str | None = None, hidden: int = 64,
+                       heads: int = 4, ffn: int = 128, vocab: int = 256, config: dict | None = None):
+    """Two Hugging Face causal LMs with the same random weights: the first's
+    generate() runs through vcompile (its cache under cache_dir), the second
+    is transformers' own, eager, with its DynamicCache."""
+    import transformers
+    import vcompile
+    from transformers.masking_utils import AttentionMaskInterface
+
+    transformers.AttentionInterface.register("vcompile_generate", hf_cached_attention)
+    AttentionMaskInterface.register("vcompile_generate", lambda *args, **kwargs: None)  # the op masks by position
+    config_name, _, extra = HF_MODELS[name]
+    settings = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), **extra)
+    model = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, config_name)(**settings, attn_implementation="vcompile_generate")).eval()
+    eager = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, config_name)(**settings, attn_implementation="sdpa")).eval()
+    eager.load_state_dict(model.state_dict())
+    for layer in model.model.layers:
+        for cache in ("k_cache", "v_cache"):
+            layer.self_attn.register_buffer(cache, torch.zeros(GENERATE_ROWS, settings["num_key_value_heads"],
+                                                               GENERATE_POSITIONS, hidden // heads),
+                                            persistent=False)
+    cfg = vcompile.CompilationConfig(splitting_ops=HF_GENERATE_SPLITTING_OPS, cache_dir=cache_dir,
+                                     max_num_batched_tokens=GENERATE_ROWS * GENERATE_POSITIONS, **(config or {}))
+    compiled = vcompile.compile(model, cfg, dynamic_arg_dims={"input_ids": 1, "position_ids": 1})
+    # What generate() calls, as transformers' own recipe sets a compiled
+    # forward on the instance; vcompile compiles the class's forward.
+    model.forward = functools.partial(generation_step, compiled)
+    model.generate = functools.partial(checked_generate, model)
+    return model, eager
+
+
+def generation_step(compiled, input_ids: torch.Tensor, past_key_values=None, attention_mask=None,
+                    use_cache: bool = True, return_dict: bool = True, **unused):
+    """One call of generate()'s loop: the new tokens of every row, at the
+    positions after what the DynamicCache holds. Whatever it cannot honour is
+    refused at the prompt's call, before any token."""
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if unused:  # output_hidden_states, inputs_embeds, position_ids, ...: not in the compiled call
+        raise ValueError(f"vcompile's generate() recipe does not use {', '.join(sorted(unused))}")
+    if past_key_values is not None and type(past_key_values) is not DynamicCache:
+        raise ValueError(f"vcompile's generate() recipe keeps keys and values in the attention op and counts "
+                         f"positions with a DynamicCache, not a {type(past_key_values).__name__}: leave out "
+                         "cache_implementation and past_key_values")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("vcompile's generate() recipe runs rows of equal length: an attention_mask with zeros "
+                         "(a padded batch) is not supported; generate each prompt length apart")
+    rows, length = input_ids.shape
+    start = past_key_values.get_seq_length() if past_key_values is not None else 0
+    if rows > GENERATE_ROWS or start + length > GENERATE_POSITIONS:
+        raise ValueError(f"{rows} rows at positions {start} to {start + length - 1} do not fit the key/value "
+                         f"cache of {GENERATE_ROWS} rows of {GENERATE_POSITIONS} positions")
+    positions = torch.arange(start, start + length, device=input_ids.device).repeat(rows)
+    logits = compiled(input_ids=input_ids.reshape(1, -1), position_ids=positions[None], use_cache=False).logits
+    if past_key_values is not None:  # its length, as one number a position: the keys and values are in the op
+        past_key_values.update(*[logits.new_zeros(rows, 1, length, 1)] * 2, layer_idx=0)
+    return CausalLMOutputWithPast(logits=logits.view(rows, length, -1), past_key_values=past_key_values)
+
+
+def checked_generate(model, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+    """transformers' generate(), after what it would do wrong is refused, before any token."""
+    from transformers import GenerationMixin
+    from transformers.generation import GenerationMode
+
+    settings = copy.deepcopy(generation_config or model.generation_config)
+    unused = settings.update(**kwargs)
+    mode = settings.get_generation_mode(unused.get("assistant_model"))
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise ValueError(f"vcompile's generate() recipe runs greedy search and sampling, not {mode.value}: "
+                         "generate() cannot reorder or roll back the keys and values in the attention op")
+    ids = inputs if inputs is not None else unused.get("input_ids")
+    if ids is not None:
+        new = settings.max_new_tokens if settings.max_new_tokens is not None else settings.max_length - ids.shape[-1]
+        if ids.shape[-1] + new > GENERATE_POSITIONS:
+            raise ValueError(f"{ids.shape[-1]} prompt tokens and {new} new ones do not fit the key/value cache "
+                             f"of {GENERATE_POSITIONS} positions")
+    return GenerationMixin.generate(model, inputs, generation_config, **kwargs)
+
+
 # --- the bench --------------------------------------------------------------
 
 MODEL = dict(hidden=256, heads=4, ffn=512, vocab=1024)

@@ -3674,6 +3674,80 @@ def test_a_decoder_whose_decode_path_branches_on_one_token_decodes_cold_and_warm
     assert_generates_what_eager_generates(cold, warm, device)
 
 
+# transformers' generate() on bench.hf_generation_pair: the compiled model's
+# forward, set on the instance after compile(), calls the compiled model
+# (vcompile saves and loads the class's forward, section 19).
+
+
+def child_hf_generate(root: str, device: str, names=("llama",)) -> dict:
+    """generate() of both models of each pair: greedy after prompts of 20
+    and 5 tokens, a batch of two 7-token prompts, seeded sampling of one and
+    of two rows. Per model: whether the tokens are eager's and the counters
+    after its first call and at the end."""
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        model, eager = bench.hf_generation_pair(name, cache_dir=root)
+        model.to(device), eager.to(device)
+        after_first = None
+        result = {"same_tokens": [], "varied": []}
+        for rows, size, sample in ((1, 20, False), (1, 5, False), (2, 7, False), (1, 12, True), (2, 7, True)):
+            ids = torch.randint(0, 256, (rows, size), device=device)
+            kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=sample)
+            outs = []
+            for m in (model, eager):
+                torch.manual_seed(1)
+                outs.append(m.generate(ids, **kwargs))
+                after_first = after_first or counter_values()
+            result["same_tokens"].append(torch.equal(*outs))
+            result["varied"].append(len(set(outs[1][0, size:].tolist())) > 1)
+        result["compiled_after_first_call"] = counter_values() != after_first
+        results[name] = result
+    return {"models": results, "counters": counter_values()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hugging_face_generate_runs_through_vcompile_cold_and_warm(device, tmp_path):
+    pytest.importorskip("transformers")
+    names = list(bench.HF_MODELS)
+    cold = run_children([("child_hf_generate", dict(root=str(tmp_path), device=device, names=names[:1])),
+                         ("child_hf_generate", dict(root=str(tmp_path), device=device, names=names[1:]))])
+    warm = run_child("child_hf_generate", root=str(tmp_path), device=device, names=names)
+    aot = 1 if AOT_WRAPS_HF else 0  # torch 2.11 runs Hugging Face models the JIT way (section 19)
+    assert [c["counters"]["num_aot_artifacts_saved"] for c in cold] == [aot, 2 * aot]
+    assert all(c["counters"]["num_inductor_compiles"] > 0 for c in cold)
+    assert_counters(warm, num_aot_artifacts_loaded=3 * aot, num_inductor_compiles=0)
+    for start in (*cold, warm):
+        for name, result in start["models"].items():
+            assert all(result["same_tokens"]) and all(result["varied"]), (name, result)
+            assert not result["compiled_after_first_call"], name
+
+
+@pytest.mark.core
+def test_hugging_face_generate_refuses_what_it_would_get_wrong_before_any_token(tmp_path):
+    pytest.importorskip("transformers")
+    model, _ = bench.hf_generation_pair("llama", cache_dir=str(tmp_path))
+    ids, two = torch.randint(0, 256, (1, 10)), torch.randint(0, 256, (2, 10))
+    padded = torch.ones_like(two)
+    padded[1, :3] = 0
+    refused = {
+        "an attention_mask with zeros": dict(inputs=two, attention_mask=padded),
+        "not beam_search": dict(num_beams=2),
+        "not assisted_generation": dict(prompt_lookup_num_tokens=3),
+        "10 prompt tokens and 120 new ones do not fit the key/value cache of 128 positions": dict(max_new_tokens=120),
+        "not a StaticCache": dict(cache_implementation="static"),
+        "does not use output_hidden_states": dict(output_hidden_states=True, return_dict_in_generate=True),
+        "does not use position_ids": dict(position_ids=torch.arange(10)[None]),
+        "3 rows at positions 0 to 9 do not fit the key/value cache of 2 rows": dict(inputs=torch.zeros(3, 10).long()),
+    }
+    before = counter_values()
+    for message, kwargs in refused.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            model.generate(**{"inputs": ids, "max_new_tokens": 4, **kwargs})
+    assert counter_values() == before  # nothing compiled, nothing ran
+    assert all(not b.any() for name, b in model.named_buffers() if name.endswith("_cache"))
+
+
 def test_bench_generates_with_a_hugging_face_llama(tmp_path, monkeypatch):
     # bench.py --generate --model hf-llama, three of its cases: a Llama whose
     # attention layers own their caches, decoding the bench's prompt.

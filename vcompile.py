@@ -1972,7 +1972,7 @@ def load_aot_artifact(cache: CacheDir, model: torch.nn.Module, device: torch.dev
     try:
         saved = pickle.loads(read_artifact(path))
         with known_vec_isa(device, saved["vec_isa"]):
-            aot_fn = load_aot_function(saved, model, model.forward.__globals__)
+            aot_fn = load_aot_function(saved, model, type(model).forward.__globals__)
         check_sources_unchanged(source_hashes(aot_fn.source_info()))
     except Exception as e:
         if force:
@@ -2156,7 +2156,10 @@ def backend(gm: fx.GraphModule, example_inputs: list, *, config: CompilationConf
 def compile(model: torch.nn.Module, config: CompilationConfig, *,
             dynamic_arg_dims: dict[str, int] | None = None, is_encoder: bool = False) -> CompiledModel:
     """Returns a callable with the model's forward signature. Its first call
-    loads from the cache or compiles everything; later calls only run."""
+    loads from the cache or compiles everything; later calls only run. What
+    is compiled, saved and loaded is the class's forward: one set on the
+    instance afterwards, that calls the compiled model (transformers'
+    generate() recipe in bench.py), changes none of it."""
     if "forward" in vars(model):
         # What is compiled and saved is the class's forward, called with the
         # model first (see traceable): one set on the instance, as
@@ -2318,7 +2321,7 @@ class CompiledModel:
         saved so that it loads back (section 19). A later trace is traced
         backed at `at_size` and compiled for the sizes it `serves`. JIT
         mode's later traces pass its `pieces_dir` and save no function."""
-        module_globals = set(self.model.forward.__globals__)
+        module_globals = set(type(self.model).forward.__globals__)
 
         def aot_compile(unbacked: bool):
             compiled, trace_args, trace_kwargs = traceable(self, args, kwargs, dims, unbacked, at_size, pieces_dir,
@@ -2777,7 +2780,7 @@ def external_refs(model: torch.nn.Module) -> dict[str, Any]:
     the weights), under keys another process computes from its own model."""
     refs: dict[str, Any] = {f"module:{name}": m for name, m in model.named_modules()}
     seen: set[int] = set()
-    todo = [("forward", getattr(model.forward, "__func__", model.forward))]
+    todo = [("forward", type(model).forward)]
     while todo:
         key, fn = todo.pop()
         if not inspect.isfunction(fn) or id(fn) in seen:
@@ -2795,7 +2798,7 @@ def check_loadable(saved: dict, model: torch.nn.Module, installed: dict[str, Any
     """Runs torch's loader on what is about to be saved, with the globals a
     fresh process will have, the compiled pieces left out (Inductor's own
     format): a model whose artifact cannot load back is found out now."""
-    fresh_globals = {k: v for k, v in model.forward.__globals__.items() if k not in installed}
+    fresh_globals = {k: v for k, v in type(model).forward.__globals__.items() if k not in installed}
     without_pieces = classmethod(lambda cls, data: cls({}, None))
     with patch.object(VcompileFunction, "deserialize_compile_artifacts", without_pieces):
         load_aot_function(saved, model, fresh_globals)
