@@ -7,6 +7,7 @@
     python bench.py --json out.json --plot out.png
     python bench.py --model hf-llama      # the same cases on a Hugging Face Llama (needs transformers)
     python bench.py --generate            # decode speed: greedy tokens with a key/value cache
+    python bench.py --generate --model hf-llama   # through transformers' generate(), stock as its static-cache recipe
     python bench.py --startup             # start-up: about 1 GB of weights on disk, with and without prepare()
     python bench.py --passes              # a graph pass: opaque norms and activation decomposed, with against without
     python bench.py --cudagraphs          # decode steps with piecewise CUDA graphs (needs CUDA)
@@ -1004,7 +1005,7 @@ PROMPT_SIZE, NEW_TOKENS = 64, 32
 # Decode speed is timed in one process, the three calls of each step in turn,
 # so that a slower stretch of the machine slows all three alike: a short
 # prompt, then a token at every position the cache has left.
-ALTERNATED_PROMPT = 16
+ALTERNATED_PROMPT, ALTERNATED_ROUNDS = 16, 2
 
 
 def generate_model(model_name: str, layers: int, model_kwargs: dict, device: str):
@@ -1033,6 +1034,8 @@ def run_generate_case(case: str, layers: int, device: str, cache: str, model_kwa
                       model_name: str = "decoder", iters: int = 0) -> dict:
     """One --generate case, in its own process: greedy decoding of NEW_TOKENS
     after a PROMPT_SIZE-token prompt, every step timed."""
+    if model_name.startswith("hf-"):
+        return run_hf_generate_case(case, layers, device, cache, model_kwargs, started, model_name)
     uses_vcompile = case.startswith("vcompile")
     if uses_vcompile:
         import vcompile
@@ -1071,6 +1074,8 @@ def run_decode_alternated(case: str, layers: int, device: str, cache: str, model
     own CUDA graphs, of whole graphs), vcompile without graphs and vcompile
     with its pieces captured; each step's largest logit difference from
     eager's is kept too."""
+    if case == "alternated" and model_name.startswith("hf-"):
+        return run_hf_decode_alternated(layers, device, cache, model_kwargs, model_name)
     import vcompile
 
     model, _ = generate_model(model_name, layers, model_kwargs, device)
@@ -1102,6 +1107,90 @@ def run_decode_alternated(case: str, layers: int, device: str, cache: str, model
                 errors[name] = max(errors[name], (out - expected).abs().max().item())
     return {"steps": len(times["eager"]), **{f"{name}_step_ms": 1000 * statistics.median(t) for name, t in times.items()},
             **{f"{name}_max_error": e for name, e in errors.items()}, "captured": vcompile.counters.num_cudagraph_captured}
+
+
+# --- bench.py --generate --model hf-*: transformers' generate() -----------------
+# A Hugging Face model generates with transformers' own loop, and so do its
+# cases: eager is transformers' model with its DynamicCache; stock is
+# transformers' documented way to compile generation, a static cache and
+# torch.compile(model.forward) (default mode); vcompile is hf_generation_pair's.
+# A streamer times the steps: generate() hands it the prompt, then each token.
+# A second generate() of another prompt length counts what compiles mid-run.
+
+HF_GEN_CONFIG = dict(compile_sizes=[1], compile_ranges_endpoints=[64])  # GEN_CONFIG's, in the pair's 256 tokens
+LATER_PROMPT, LATER_TOKENS = 16, 8
+
+
+class StepTimes:
+    """A streamer for generate(): the time of each put(), the prompt's first."""
+
+    def __init__(self, device: str):
+        self.device, self.times = device, []
+
+    def put(self, value) -> None:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_generators(model_name: str, layers: int, model_kwargs: dict, device: str, cache: str) -> dict:
+    """The three models of a Hugging Face --generate case, with one set of weights."""
+    torch.manual_seed(0)
+    model, eager = hf_generation_pair(model_name[3:], layers, cache, config=HF_GEN_CONFIG, **model_kwargs)
+    stock = copy.deepcopy(eager)
+    stock.generation_config.cache_implementation = "static"
+    stock.forward = torch.compile(stock.forward, fullgraph=True)
+    return {"eager": eager.to(device), "stock": stock.to(device), "vcompile": model.to(device)}
+
+
+def timed_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], list[float], int]:
+    """Greedy generate() of exactly new_tokens: the tokens, the time of each
+    (from the clock of time.perf_counter) and the Dynamo graphs compiled meanwhile."""
+    streamer, graphs = StepTimes(str(prompt.device)), torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, streamer=streamer)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    return out[0, prompt.shape[1]:].tolist(), streamer.times[1:], compiled
+
+
+def run_hf_generate_case(case: str, layers: int, device: str, cache: str, model_kwargs: dict,
+                         started: float, model_name: str) -> dict:
+    import vcompile
+
+    result: dict = {"import_s": time.perf_counter() - started}
+    fn = hf_generators(model_name, layers, model_kwargs, device, cache)[case.split("_")[0]]
+    prompt = torch.randint(0, model_kwargs["vocab"], (1, PROMPT_SIZE), device=device)
+    tokens, ends, graphs = timed_generate(fn, prompt, NEW_TOKENS)
+    steps = [b - a for a, b in zip(ends, ends[1:])]
+    result.update(first_token_s=ends[0] - started, first_decode_ms=1000 * steps[0],
+                  decode_tokens_per_s=1 / statistics.median(steps[1:]), tokens=tokens, graphs=graphs,
+                  later_graphs=timed_generate(fn, prompt[:, :LATER_PROMPT], LATER_TOKENS)[2])
+    if case.startswith("vcompile"):
+        compiled = fn.forward.args[0]  # the CompiledModel that generation_step calls
+        result.update(monitor_s=compiled.config.compilation_time, counters=dataclasses.asdict(vcompile.counters))
+    return result
+
+
+def run_hf_decode_alternated(layers: int, device: str, cache: str, model_kwargs: dict, model_name: str) -> dict:
+    """Decode steps of the three models' generate() in turn in one process,
+    each compiled or loaded first: medians over ALTERNATED_ROUNDS generate()
+    calls each, every position the cache has after a short prompt."""
+    fns = hf_generators(model_name, layers, model_kwargs, device, cache)
+    prompt = torch.randint(0, model_kwargs["vocab"], (1, ALTERNATED_PROMPT), device=device)
+    new_tokens = GENERATE_POSITIONS - ALTERNATED_PROMPT
+    for fn in fns.values():
+        timed_generate(fn, prompt, new_tokens)
+    times, tokens, graphs = {name: [] for name in fns}, {}, {name: 0 for name in fns}
+    for _ in range(ALTERNATED_ROUNDS):
+        for name, fn in fns.items():
+            tokens[name], ends, compiled = timed_generate(fn, prompt, new_tokens)
+            times[name] += [b - a for a, b in zip(ends, ends[1:])]
+            graphs[name] += compiled
+    return {"steps": len(times["eager"]), **{f"{name}_step_ms": 1000 * statistics.median(t) for name, t in times.items()},
+            **{f"{name}_graphs": g for name, g in graphs.items()},
+            "same_tokens": tokens["stock"] == tokens["eager"] == tokens["vcompile"]}
 
 
 # --- bench.py --cudagraphs: piecewise CUDA graphs ---------------------------------
@@ -1144,19 +1233,29 @@ def generate_table(results: dict, depths: list[int], summary: dict) -> str:
     lines = []
     for layers in depths:
         lines.append(f"\n{layers} layers: {NEW_TOKENS} tokens after a {PROMPT_SIZE}-token prompt")
-        lines.append(f"  {'case':16} {'first token':>12} {'monitor':>8} {'first decode step':>18} {'decode':>12}  tokens")
+        hf = "graphs" in results[layers]["eager"]  # transformers' generate(): the graphs each compiled too
+        lines.append(f"  {'case':16} {'first token':>12} {'monitor':>8} {'first decode step':>18} {'decode':>12}  tokens"
+                     + "  graphs" * hf)
         for case in GEN_CASES:
             r = results[layers][case]
             monitor = f"{r['monitor_s']:7.2f}s" if "monitor_s" in r else f"{'':8}"
             same = "(reference)" if case == "eager" else "same" if summary[layers]["same_tokens_as_eager"][case] else "DIFFER"
+            graphs = f"  {r['graphs']} + {r['later_graphs']}" if hf else ""
             lines.append(f"  {LABELS[case]:16} {r['first_token_s']:11.2f}s {monitor} {r['first_decode_ms']:16.1f}ms "
-                         f"{r['decode_tokens_per_s']:7.1f} tok/s  {same}")
+                         f"{r['decode_tokens_per_s']:7.1f} tok/s  {same:11}{graphs}")
         d, steps = summary[layers], results[layers]["alternated"]
         lines.append(f"  decode step, medians of {steps['steps']} alternated in one process: eager "
                      f"{steps['eager_step_ms']:.2f} ms, stock {steps['stock_step_ms']:.2f} ms, vcompile "
                      f"{steps['vcompile_step_ms']:.2f} ms: vcompile/stock {d['decode_vcompile_over_stock']:.2f}x, "
                      f"vcompile/eager {d['decode_vcompile_over_eager']:.2f}x")
         lines.append(f"  first token warm: vcompile {d['first_token_warm_stock_minus_vcompile_s']:.2f} s ahead of stock")
+    if hf:
+        steps = results[depths[-1]]["alternated"]
+        lines.append("  every case through transformers' generate(); stock is its recipe, "
+                     "cache_implementation='static' and torch.compile(model.forward)")
+        lines.append(f"  graphs: Dynamo graphs compiled in the first generate() + in a second of a {LATER_PROMPT}-token "
+                     f"prompt; in the alternated ones stock {steps['stock_graphs']}, vcompile "
+                     f"{steps['vcompile_graphs']}, tokens {'the same' if steps['same_tokens'] else 'DIFFER'}")
     return "\n".join(lines)
 
 

@@ -3748,22 +3748,32 @@ def test_hugging_face_generate_refuses_what_it_would_get_wrong_before_any_token(
     assert all(not b.any() for name, b in model.named_buffers() if name.endswith("_cache"))
 
 
-def test_bench_generates_with_a_hugging_face_llama(tmp_path, monkeypatch):
-    # bench.py --generate --model hf-llama, three of its cases: a Llama whose
-    # attention layers own their caches, decoding the bench's prompt.
+def test_bench_generates_with_a_hugging_face_llama_through_transformers_generate(tmp_path, monkeypatch):
+    # bench.py --generate --model hf-llama: every case through transformers'
+    # generate(), stock as transformers' own recipe (a static cache and
+    # torch.compile(model.forward)), then the three in turn in one process.
     pytest.importorskip("transformers")
     monkeypatch.setenv("PYTHONPATH", known_isa_path())
     dirs = bench.case_dirs(str(tmp_path))
     kwargs = dict(layers=1, device="cpu", dirs=dirs, model_kwargs={**bench.MODEL, "hidden": 64}, iters=0,
-                  model_name="hf-llama", runner="run_generate_case")
-    eager, cold, warm = (bench.spawn_once(case, **kwargs) for case in ("eager", "vcompile_cold", "vcompile_warm"))
+                  model_name="hf-llama")
+    cases = ("eager", "stock_cold", "vcompile_cold", "vcompile_warm", "alternated")
+    eager, stock, cold, warm, alternated = (
+        bench.spawn_once(case, runner="run_decode_alternated" if case == "alternated" else "run_generate_case",
+                         **kwargs) for case in cases)
     assert len(eager["tokens"]) == bench.NEW_TOKENS and len(set(eager["tokens"])) > 1
-    assert cold["tokens"] == eager["tokens"] and warm["tokens"] == eager["tokens"]
-    for result in (eager, cold, warm):
+    assert stock["tokens"] == cold["tokens"] == warm["tokens"] == eager["tokens"]
+    for result in (eager, stock, cold, warm):
         assert result["first_token_s"] > result["import_s"] > 0 and result["decode_tokens_per_s"] > 0
+    # Dynamo graphs: stock's for the prompt and for a token, and again for another cache length.
+    assert (stock["graphs"], stock["later_graphs"]) >= (2, 1) and eager["graphs"] == eager["later_graphs"] == 0
+    assert cold["graphs"] >= 1 and cold["later_graphs"] == 0  # torch 2.11 traces it again, to run it the JIT way
     if AOT_WRAPS_HF:
-        assert warm["counters"]["num_aot_artifacts_loaded"] == 1 and warm["counters"]["num_inductor_compiles"] == 0
-
+        assert cold["graphs"] == 1 and warm["graphs"] == 0 and warm["counters"]["num_aot_artifacts_loaded"] == 1
+    assert warm["counters"]["num_inductor_compiles"] == 0 and warm["later_graphs"] == 0
+    assert alternated["same_tokens"] and alternated["vcompile_graphs"] == alternated["eager_graphs"] == 0
+    assert alternated["steps"] == bench.ALTERNATED_ROUNDS * (bench.GENERATE_POSITIONS - bench.ALTERNATED_PROMPT - 1)
+    assert all(alternated[f"{name}_step_ms"] > 0 for name in ("eager", "stock", "vcompile"))
 
 def test_bench_decodes_a_nanogpt_decoder_and_times_steps_alternated(tmp_path, monkeypatch):
     # bench.py --generate on its own model, written the nanoGPT way: traced
