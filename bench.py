@@ -525,7 +525,6 @@ def hidden_states(out) -> torch.Tensor:
 # batch of one run the same compiled code: rows of equal length only.
 
 
-@torch.library.custom_op("vcompile_hf::cached_attention", mutates_args=("k_cache", "v_cache"))
 def hf_cached_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
     """q (1, heads, tokens, head_dim), k and v (1, kv_heads, tokens, head_dim):
@@ -538,13 +537,24 @@ def hf_cached_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     q, k, v = (t[0].unflatten(1, (rows, length)).transpose(0, 1) for t in (q, k, v))  # (rows, heads, length, dim)
     k_cache[:rows, :, start:end] = k
     v_cache[:rows, :, start:end] = v
-    mask = torch.arange(end, device=q.device) <= positions[:length, None]
+    # One token, the last position, attends to every position: no mask to build (6 us a layer on CPU).
+    mask = None if length == 1 else torch.arange(end, device=q.device) <= positions[:length, None]
     out = F.scaled_dot_product_attention(q, k_cache[:rows, :, :end], v_cache[:rows, :, :end], attn_mask=mask,
                                          scale=scale, enable_gqa=True)
     return out.transpose(1, 2).flatten(0, 1)[None]
 
 
-@hf_cached_attention_op.register_fake
+# Registered as vLLM's direct_register_custom_op registers its attention:
+# torch.library.custom_op's Python dispatch (autograd, mutation and aliasing
+# checks) cost 60 to 100 us a call here, more than this op's own work at a
+# decode step, once per layer per token (CPU, torch 2.13).
+_hf_library = torch.library.Library("vcompile_hf", "FRAGMENT")
+_hf_library.define("cached_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+                   "Tensor positions, float scale) -> Tensor")
+_hf_library.impl("cached_attention", hf_cached_attention_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("vcompile_hf::cached_attention")
 def _(q, k, v, k_cache, v_cache, positions, scale):
     batch, heads, tokens, head_dim = q.shape
     return q.new_empty(batch, tokens, heads, head_dim)
