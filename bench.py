@@ -519,10 +519,10 @@ def hidden_states(out) -> torch.Tensor:
 # handing it a DynamicCache to fill. The recipe keeps that cache's job where
 # vLLM keeps it, outside the compiled graph: the keys and values live in the
 # attention op, the splitting op (each layer's buffers, a row per sequence);
-# the positions are the caller's, counted from the DynamicCache's length, which
-# the step keeps in step with one number per position. The batch is flattened into
-# the token dimension, vLLM's one dynamic dimension, so a batch of two and a
-# batch of one run the same compiled code: rows of equal length only.
+# the positions are the caller's, counted from the DynamicCache's length,
+# which the step keeps up to date with one number per position. The batch is
+# flattened into the token dimension, vLLM's one dynamic dimension, so a batch
+# of two and a batch of one run the same compiled code: rows of equal length.
 
 
 def hf_cached_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -611,7 +611,8 @@ def generation_step(compiled, input_ids: torch.Tensor, past_key_values=None, att
                     use_cache: bool = True, return_dict: bool = True, **unused):
     """One call of generate()'s loop: the new tokens of every row, at the
     positions after what the DynamicCache holds. Whatever it cannot honour is
-    refused at the prompt's call, before any token."""
+    refused at the prompt's call, before any token; use_cache and return_dict,
+    which generate() always passes, change nothing."""
     from transformers import DynamicCache
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 # Copied into another project, the file says which vcompile it is; pyproject
 # reads its version from here.
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 import argparse
 import atexit
