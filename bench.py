@@ -159,6 +159,18 @@ HF_MODELS = {"llama": ("LlamaConfig", "LlamaModel", {}),
              "mistral": ("MistralConfig", "MistralModel", {"sliding_window": None})}
 
 
+def hf_config(name: str, attention: str, layers: int, hidden: int, heads: int, ffn: int, vocab: int, **overrides):
+    """A config of HF_MODELS[name], half as many key/value heads as query
+    heads, whose attention is the function registered as `attention`."""
+    import transformers
+
+    config_name, _, extra = HF_MODELS[name]
+    return getattr(transformers, config_name)(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), attn_implementation=attention,
+        **extra, **overrides)
+
+
 def hf_model(name: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128,
              vocab: int = 256) -> nn.Module:
     """A small Hugging Face decoder with random weights, built from its config
@@ -168,12 +180,9 @@ def hf_model(name: str = "llama", layers: int = 2, hidden: int = 64, heads: int 
 
     transformers.AttentionInterface.register("vcompile", hf_attention)
     AttentionMaskInterface.register("vcompile", lambda *args, **kwargs: None)  # no mask tensor to build
-    config_name, model_name, extra = HF_MODELS[name]
-    config = getattr(transformers, config_name)(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
-        use_cache=False, attn_implementation="vcompile", **extra)
-    return getattr(transformers, model_name)(config).eval()
+    config = hf_config(name, "vcompile", layers, hidden, heads, ffn, vocab, max_position_embeddings=4096,
+                       use_cache=False)
+    return getattr(transformers, HF_MODELS[name][1])(config).eval()
 
 
 # --- generating text: a key/value cache behind the splitting op ----------------
@@ -475,11 +484,8 @@ def hf_cached_model(name: str = "llama", layers: int = 2, hidden: int = 64, head
 
     transformers.AttentionInterface.register("vcompile_kv", hf_kv_attention)
     AttentionMaskInterface.register("vcompile_kv", lambda *args, **kwargs: None)  # the op masks by position
-    config_name, _, extra = HF_MODELS[name]
-    config = getattr(transformers, config_name)(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
-        use_cache=False, attn_implementation="vcompile_kv", **extra)
+    config = hf_config(name, "vcompile_kv", layers, hidden, heads, ffn, vocab, max_position_embeddings=4096,
+                       use_cache=False)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     for layer in model.model.layers:
         add_kv_cache(layer.self_attn, max_tokens, config.num_key_value_heads, hidden // heads)
@@ -584,17 +590,13 @@ def hf_generation_pair(name: str = "llama", layers: int = 2, cache_dir: str | No
 
     transformers.AttentionInterface.register("vcompile_generate", hf_cached_attention)
     AttentionMaskInterface.register("vcompile_generate", lambda *args, **kwargs: None)  # the op masks by position
-    config_name, _, extra = HF_MODELS[name]
-    settings = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                    num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), **extra)
-    model = transformers.AutoModelForCausalLM.from_config(
-        getattr(transformers, config_name)(**settings, attn_implementation="vcompile_generate")).eval()
-    eager = transformers.AutoModelForCausalLM.from_config(
-        getattr(transformers, config_name)(**settings, attn_implementation="sdpa")).eval()
+    model, eager = (transformers.AutoModelForCausalLM.from_config(hf_config(name, attention, layers, hidden, heads,
+                                                                             ffn, vocab)).eval()
+                    for attention in ("vcompile_generate", "sdpa"))
     eager.load_state_dict(model.state_dict())
     for layer in model.model.layers:
         for cache in ("k_cache", "v_cache"):
-            layer.self_attn.register_buffer(cache, torch.zeros(GENERATE_ROWS, settings["num_key_value_heads"],
+            layer.self_attn.register_buffer(cache, torch.zeros(GENERATE_ROWS, model.config.num_key_value_heads,
                                                                GENERATE_POSITIONS, hidden // heads),
                                             persistent=False)
     cfg = vcompile.CompilationConfig(splitting_ops=HF_GENERATE_SPLITTING_OPS, cache_dir=cache_dir,
